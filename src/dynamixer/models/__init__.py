@@ -1,0 +1,20 @@
+"""DynaMixer backbone: building blocks, timm registration and the release-checkpoint key map.
+
+Importing this package registers `dynamixer_tiny`, `dynamixer_s`, `dynamixer_m` and `dynamixer_l`
+with timm, so `timm.create_model("dynamixer_s")` works.
+"""
+
+from .dynamixer import DynaMixer, DynaMixerBlock, DynaMixerLayer, DynaMixerOp, stage_resolutions
+from .release import checkpoint_filter_fn, load_release_checkpoint, model_kwargs_from_release, release_key_map
+
+__all__ = [
+    "DynaMixer",
+    "DynaMixerBlock",
+    "DynaMixerLayer",
+    "DynaMixerOp",
+    "checkpoint_filter_fn",
+    "load_release_checkpoint",
+    "model_kwargs_from_release",
+    "release_key_map",
+    "stage_resolutions",
+]

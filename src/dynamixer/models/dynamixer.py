@@ -1,0 +1,434 @@
+"""DynaMixer: a vision MLP whose token-mixing matrices are generated from the tokens being mixed.
+
+Wang et al., "DynaMixer: A Vision MLP Architecture with Dynamic Mixing", ICML 2022.
+Layout inside the network is channels last: tokens are `(B, H, W, C)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ["DynaMixer", "DynaMixerBlock", "DynaMixerLayer", "DynaMixerOp", "stage_resolutions"]
+
+NUM_STAGES = 4
+
+
+class DynaMixerOp(nn.Module):
+    """Dynamic token mixing along one axis of length `seq_len` (SPEC §1).
+
+    Input `(B, L, N, C)`: `L` independent sequences of `N = seq_len` tokens with `C` channels.
+    Output: same shape. The `N x N` mixing matrix of each sequence and segment is generated from
+    the content of all `N` tokens, compressed to `reduced_dim` channels per segment.
+    """
+
+    def __init__(self, dim: int, seq_len: int, segments: int, reduced_dim: int):
+        super().__init__()
+        if dim % segments:
+            raise ValueError(
+                f"dimension {dim} is not divisible by segments={segments}: choose a segment count "
+                f"that divides {dim} (e.g. one of {_divisors(dim)})"
+            )
+        self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
+        self.compress = nn.Linear(dim, segments * reduced_dim)
+        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+        self.out = nn.Linear(dim, dim)
+
+    def mixing_matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixing matrices `(B, L, S, N, N)` for input `(B, L, N, C)`.
+
+        Entry `[..., s, i, j]` is the weight output token `j` gives to source token `i` in segment
+        `s`; each column sums to 1 (softmax over `i`).
+        """
+        B, L, N, _ = x.shape
+        S, d = self.segments, self.reduced_dim
+        # token-major flattening per segment: token 0's d values, then token 1's, ...
+        z = self.compress(x).reshape(B, L, N, S, d).transpose(2, 3).reshape(B, L, S, N * d)
+        logits = self.generate(z).view(B, L, S, N, N)
+        # softmax in fp32 so bf16/fp16 training keeps normalised weights
+        return logits.softmax(dim=-2, dtype=torch.float32).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.mixing_matrices(x)
+        # channels split into S contiguous groups; group s is mixed by P_s
+        xs = x.unflatten(-1, (self.segments, -1))  # (B, L, N, S, C/S)
+        y = torch.einsum("blsij,blisc->bljsc", p, xs)
+        return self.out(y.flatten(-2))
+
+    def extra_repr(self) -> str:
+        return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}"
+
+
+class DynaMixerBlock(nn.Module):
+    """Token mixing of a `(B, H, W, C)` grid: a DynaMixer op along H, one along W, a channel Linear,
+    fused by the re-weighting of Vision Permutator (or summed), then projected. Shape preserved."""
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        segments: int,
+        reduced_dim: int,
+        fusion: Literal["reweight", "sum"] = "reweight",
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if fusion not in ("reweight", "sum"):
+            raise ValueError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
+        height, width = resolution
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim)
+        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim)
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 3) if fusion == "reweight" else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three branch outputs `h, w, c`, each `(B, H, W, C)`."""
+        h = self.mix_h(x.transpose(1, 2)).transpose(1, 2)
+        return h, self.mix_w(x), self.mlp_c(x)
+
+    def branch_weights(self, h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Re-weighting of the branches: `(B, C, 3)`, softmax over the last axis."""
+        B, C = h.shape[0], h.shape[-1]
+        a = (h + w + c).mean(dim=(1, 2))
+        return self.reweight(a).view(B, C, 3).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w, c = self.branches(x)
+        if self.reweight is None:
+            y = h + w + c
+        else:
+            a = self.branch_weights(h, w, c)[:, None, None]  # (B, 1, 1, C, 3)
+            y = h * a[..., 0] + w * a[..., 1] + c * a[..., 2]
+        return self.proj_drop(self.proj(y))
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the block generated for input `(B, H, W, C)`.
+
+        `mix_h`: `(B, W, S, H, H)` column mixing matrices; `mix_w`: `(B, H, S, W, W)` row mixing
+        matrices; `branch_weights`: `(B, C, 3)` weights of the h/w/c branches (re-weighting only).
+        """
+        out = {
+            "mix_h": self.mix_h.mixing_matrices(x.transpose(1, 2)),
+            "mix_w": self.mix_w.mixing_matrices(x),
+        }
+        if self.reweight is not None:
+            out["branch_weights"] = self.branch_weights(*self.branches(x))
+        return out
+
+
+class DynaMixerLayer(nn.Module):
+    """Pre-norm residual layer: token mixing then channel MLP, `(B, H, W, C)` in and out."""
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        segments: int,
+        reduced_dim: int,
+        mlp_ratio: float = 3.0,
+        fusion: Literal["reweight", "sum"] = "reweight",
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.token_mixer = DynaMixerBlock(
+            dim, resolution, segments, reduced_dim, fusion=fusion, qkv_bias=qkv_bias, proj_drop=proj_drop
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.token_mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DynaMixerStage(nn.Module):
+    """Optional downsample (2x2 stride-2 conv at a transition, 1x1 conv for a width change) then
+    `depth` layers. `(B, H, W, C_in)` in, `(B, H', W', C)` out."""
+
+    def __init__(self, in_dim: int, dim: int, transition: bool, depth: int, drop_path: Sequence[float], **layer_kw):
+        super().__init__()
+        if transition:
+            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=2, stride=2)
+        elif in_dim != dim:
+            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=1)
+        else:
+            self.downsample = None
+        self.blocks = nn.Sequential(*[DynaMixerLayer(dim, drop_path=dp, **layer_kw) for dp in drop_path[:depth]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.blocks(x)
+
+
+def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
+    """One value for all stages, or a per-stage list of length `n`."""
+    if isinstance(value, (int, float, bool)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries {value}, but the model has {n} stages: give one value or {n}")
+    return value
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def stage_resolutions(
+    img_size: int | Sequence[int], patch_size: int, transitions: Sequence[bool]
+) -> list[tuple[int, int]]:
+    """Token grid `(H, W)` of every stage, derived from the image size, patch size and transitions."""
+    size = to_2tuple(img_size)
+    if size[0] % patch_size or size[1] % patch_size:
+        raise ValueError(
+            f"img_size={tuple(size)} is not divisible by patch_size={patch_size}: use an image size that is "
+            f"a multiple of {patch_size} (e.g. {patch_size * max(1, round(size[0] / patch_size))})"
+        )
+    res = (size[0] // patch_size, size[1] // patch_size)
+    out = [res]
+    for i, transition in enumerate(transitions[:-1]):
+        if transition:
+            if res[0] % 2 or res[1] % 2:
+                step = patch_size * 2 ** sum(transitions[: i + 1])
+                raise ValueError(
+                    f"img_size={tuple(size)} gives a {res[0]}x{res[1]} token grid after stage {i}, which the "
+                    f"stride-2 transition cannot halve: use an image size that is a multiple of {step}"
+                )
+            res = (res[0] // 2, res[1] // 2)
+        out.append(res)
+    return out
+
+
+class DynaMixer(nn.Module):
+    """DynaMixer network: patch embedding, four stages of DynaMixer layers, LayerNorm, mean pool, head.
+
+    Images `(B, in_chans, H, W)` with `(H, W) == img_size` in; logits `(B, num_classes)` out.
+    `segments`, `reduced_dim` and `mlp_ratio` take one value for all stages or a per-stage list.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 7,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        layers: Sequence[int] = (4, 3, 8, 3),
+        embed_dims: Sequence[int] = (192, 384, 384, 384),
+        transitions: Sequence[bool] = (True, False, False, False),
+        segments: int | Sequence[int] = (8, 16, 16, 16),
+        reduced_dim: int | Sequence[int] = 2,
+        mlp_ratio: float | Sequence[float] = 3.0,
+        fusion: Literal["reweight", "sum"] = "reweight",
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        layers = _per_stage("layers", layers)
+        embed_dims = _per_stage("embed_dims", embed_dims)
+        transitions = [bool(t) for t in _per_stage("transitions", transitions)]
+        segments = _per_stage("segments", segments)
+        reduced_dim = _per_stage("reduced_dim", reduced_dim)
+        mlp_ratio = _per_stage("mlp_ratio", mlp_ratio)
+        for i, (dim, s) in enumerate(zip(embed_dims, segments)):
+            if dim % s:
+                raise ValueError(
+                    f"stage {i}: dimension {dim} is not divisible by segments={s}: choose segments that divide "
+                    f"each stage's dimension {embed_dims} (for stage {i}: one of {_divisors(dim)})"
+                )
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
+        self.img_size = to_2tuple(img_size)
+        self.resolutions = stage_resolutions(self.img_size, patch_size, transitions)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = nn.Conv2d(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size)
+        # stochastic depth grows linearly with the global layer index
+        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        stages, in_dim, first = [], embed_dims[0], 0
+        for i in range(NUM_STAGES):
+            stages.append(
+                DynaMixerStage(
+                    in_dim,
+                    embed_dims[i],
+                    transition=i > 0 and transitions[i - 1],
+                    depth=layers[i],
+                    drop_path=dpr[first:],
+                    resolution=self.resolutions[i],
+                    segments=segments[i],
+                    reduced_dim=reduced_dim[i],
+                    mlp_ratio=mlp_ratio[i],
+                    fusion=fusion,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    norm_layer=norm_layer,
+                )
+            )
+            in_dim, first = embed_dims[i], first + layers[i]
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this model, built for images of "
+                f"{self.img_size[0]}x{self.img_size[1]}: resize/crop the input to that size, or build the "
+                f"model with img_size={tuple(x.shape[-2:])}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` -> normalised tokens `(B, H', W', C)` of the last stage."""
+        self._check_input(x)
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for stage in self.stages:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per layer (in order), the mixing matrices and branch weights generated for images `x`
+        (see `DynaMixerBlock.explain`)."""
+        found: list[dict[str, torch.Tensor]] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args: found.append(mod.explain(args[0])))
+            for m in self.modules()
+            if isinstance(m, DynaMixerBlock)
+        ]
+        try:
+            self.forward(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return found
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "dynamixer_tiny.untrained": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),
+        "dynamixer_s.untrained": _cfg(),
+        "dynamixer_m.untrained": _cfg(),
+        "dynamixer_l.untrained": _cfg(crop_pct=0.875),
+    }
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
+    from .release import checkpoint_filter_fn
+
+    return build_model_with_cfg(
+        DynaMixer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
+
+
+# The paper's variants (SPEC §3). `segments`/`reduced_dim` may be overridden for ablations.
+@register_model
+def dynamixer_s(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-S: 26.3M parameters, 7.3 GMACs at 224 (paper: 82.7% ImageNet top-1)."""
+    arch = dict(layers=(4, 3, 8, 3), embed_dims=(192, 384, 384, 384), transitions=(True, False, False, False),
+                segments=(8, 16, 16, 16), reduced_dim=2, patch_size=7)
+    return _create("dynamixer_s", pretrained, **{**arch, **kwargs})
+
+
+@register_model
+def dynamixer_m(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-M: 57.1M parameters, 17.0 GMACs at 224 (paper: 83.7% ImageNet top-1)."""
+    arch = dict(layers=(4, 3, 14, 3), embed_dims=(256, 256, 512, 512), transitions=(False, True, False, False),
+                segments=(8, 8, 16, 16), reduced_dim=2, patch_size=7)
+    return _create("dynamixer_m", pretrained, **{**arch, **kwargs})
+
+
+@register_model
+def dynamixer_l(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-L: 97.8M parameters, 27.3 GMACs at 224 (paper: 84.3% ImageNet top-1)."""
+    arch = dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), transitions=(True, False, False, False),
+                segments=(8, 16, 16, 16), reduced_dim=8, patch_size=7)
+    return _create("dynamixer_l", pretrained, **{**arch, **kwargs})
+
+
+@register_model
+def dynamixer_tiny(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """Our small DynaMixer for CPU work on 32x32 images (patch 4: 8x8 then 4x4 tokens, <1M parameters)."""
+    arch = dict(img_size=32, num_classes=10, layers=(2, 2, 2, 1), embed_dims=(64, 112, 112, 112),
+                transitions=(True, False, False, False), segments=(4, 8, 8, 8), reduced_dim=2, patch_size=4)
+    return _create("dynamixer_tiny", pretrained, **{**arch, **kwargs})
