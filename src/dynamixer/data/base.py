@@ -1,0 +1,120 @@
+"""Common base for the image-classification data modules."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning import LightningDataModule
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
+
+from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
+
+
+class ClassificationDataModule(LightningDataModule, ABC):
+    """Serves ``(image, label)`` batches: images ``(B, 3, img_size, img_size)`` float, labels ``(B,)`` int64.
+
+    ``batch_size`` is per device. ``train_aug`` overrides keys of the subclass's
+    ``default_train_aug`` (both are keyword arguments of ``build_transform``'s
+    training branch). Subclasses set ``default_train_aug`` and implement
+    ``num_classes``, ``class_names`` and ``_build_datasets``. The datasets are built
+    in ``setup`` (or lazily by the first dataloader call); Lightning adds a
+    ``DistributedSampler`` itself under DDP.
+    """
+
+    default_train_aug: Mapping[str, Any] = {}
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        img_size: int = 224,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        train_aug: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        aug = {**self.default_train_aug, **dict(train_aug or {})}
+        unknown = sorted(set(aug) - TRAIN_AUG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown train_aug keys {unknown}; allowed: {sorted(TRAIN_AUG_KEYS)}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.img_size = int(img_size)
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.train_aug = aug
+        common = dict(crop_pct=self.crop_pct, interpolation=interpolation, mean=self.mean, std=self.std)
+        self._train_tf = build_transform(self.img_size, True, **common, **aug)
+        self._eval_tf = build_transform(self.img_size, False, **common)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]:
+        """Class names, index ``i`` is label ``i``."""
+
+    @abstractmethod
+    def _build_datasets(self) -> tuple[Dataset, Dataset]:
+        """Return ``(train, val)`` datasets using ``self._train_tf`` / ``self._eval_tf``."""
+
+    def eval_transform(self):
+        """The evaluation transform: PIL image -> ``(3, img_size, img_size)`` tensor."""
+        return self._eval_tf
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self._build_datasets()
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if len(self.train_set) < self.batch_size:
+            raise DataError(
+                f"the training split has {len(self.train_set)} images, fewer than batch_size="
+                f"{self.batch_size}; with drop_last=True no training step would run. "
+                "Lower batch_size or add training images."
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,103 @@
+"""scikit-learn's 8x8 handwritten digits as a small in-memory image dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from dynamixer.data.base import ClassificationDataModule
+
+
+class InMemoryImages(Dataset):
+    """PIL images and integer labels held in memory; items are ``(transform(image), label)``."""
+
+    def __init__(self, images: list[Image.Image], labels: list[int], transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class DigitsDataModule(ClassificationDataModule):
+    """``sklearn.datasets.load_digits`` (1,797 images, classes "0".."9"), no download.
+
+    Each 8x8 image (values 0..16) is scaled to 0..255, upsampled bilinearly to
+    ``img_size`` and stored as an RGB PIL image. A stratified split
+    (``val_fraction``, ``split_seed``) gives 1,437 train / 360 val images with the
+    defaults. Defaults: mean/std 0.5 (maps [0, 1] to [-1, 1]); ``crop_pct=1.0`` so
+    evaluation keeps the whole digit; mild training augmentation (see
+    ``default_train_aug``).
+    """
+
+    default_train_aug = {"scale": (0.6, 1.0), "hflip": 0.0, "auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0}
+
+    def __init__(
+        self,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        img_size: int = 32,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        train_aug: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            img_size=img_size,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+            train_aug=train_aug,
+        )
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(d) for d in range(10)]
+
+    def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
+        digits = load_digits()
+        pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        images = [
+            Image.fromarray(p).resize((self.img_size, self.img_size), Image.Resampling.BILINEAR).convert("RGB")
+            for p in pixels
+        ]
+        labels = digits.target.tolist()
+        train_idx, val_idx = train_test_split(
+            np.arange(len(labels)),
+            test_size=self.val_fraction,
+            random_state=self.split_seed,
+            stratify=digits.target,
+        )
+        return tuple(
+            InMemoryImages([images[i] for i in idx], [labels[i] for i in idx], tf)
+            for idx, tf in ((train_idx, self._train_tf), (val_idx, self._eval_tf))
+        )

@@ -1,0 +1,79 @@
+"""Image transforms: a thin wrapper over ``timm.data.create_transform``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from timm.data import create_transform
+from torchvision import transforms as T
+
+TRAIN_AUG_KEYS = frozenset(
+    {
+        "scale",
+        "ratio",
+        "hflip",
+        "auto_augment",
+        "color_jitter",
+        "re_prob",
+        "re_mode",
+        "re_count",
+        "train_interpolation",
+    }
+)
+
+
+def build_transform(
+    img_size: int,
+    is_training: bool,
+    *,
+    crop_pct: float,
+    interpolation: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    auto_augment: str | None = None,
+    color_jitter: float | Sequence[float] | None = 0.4,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    train_interpolation: str = "random",
+) -> T.Compose:
+    """PIL image -> normalised float tensor ``(3, img_size, img_size)``.
+
+    Training: timm's RandomResizedCrop (``scale``, ``ratio``, ``train_interpolation``),
+    horizontal flip, RandAugment/AutoAugment (``auto_augment``, e.g.
+    ``"rand-m9-mstd0.5-inc1"``; timm then drops colour jitter), colour jitter and
+    random erasing. Evaluation: resize the short side to ``img_size / crop_pct``
+    with ``interpolation``, then centre-crop ``img_size``; ``crop_pct`` is unused
+    in training and every augmentation argument is unused in evaluation.
+    """
+    mean = tuple(float(m) for m in mean)
+    std = tuple(float(s) for s in std)
+    if not is_training:
+        return create_transform(
+            int(img_size),
+            is_training=False,
+            crop_pct=float(crop_pct),
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+        )
+    if isinstance(color_jitter, Sequence):
+        color_jitter = tuple(float(c) for c in color_jitter)
+    return create_transform(
+        int(img_size),
+        is_training=True,
+        scale=tuple(float(s) for s in scale),
+        ratio=tuple(float(r) for r in ratio),
+        hflip=float(hflip),
+        auto_augment=auto_augment or None,
+        color_jitter=color_jitter or None,  # 0 means off, not ColorJitter(0, 0, 0)
+        re_prob=float(re_prob),
+        re_mode=re_mode,
+        re_count=int(re_count),
+        interpolation=train_interpolation,
+        mean=mean,
+        std=std,
+    )

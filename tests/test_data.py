@@ -1,0 +1,192 @@
+"""Tests for the data layer: timm transforms, digits and image-folder data modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from timm.data.auto_augment import RandAugment
+
+from dynamixer.data import DataError, DigitsDataModule, ImageFolderDataModule, build_transform
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+EVAL_KW = dict(crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _write_jpeg(path: Path, seed: int, size=(48, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def _make_tree(root: Path, splits=(("train", WNIDS, 4), ("val", WNIDS, 2))) -> Path:
+    seed = 0
+    for split, classes, per_class in splits:
+        for wnid in classes:
+            for i in range(per_class):
+                seed += 1
+                _write_jpeg(root / split / wnid / f"{wnid}_{i}.JPEG", seed)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return _make_tree(tmp_path / "imagenet")
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    return dm
+
+
+# --- transforms -------------------------------------------------------------------
+
+
+def test_eval_transform_gives_square_crop_of_img_size():
+    tf = build_transform(64, False, **EVAL_KW)
+    out = tf(Image.new("RGB", (100, 60), (10, 200, 30)))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+
+
+def test_train_transform_uses_timm_randaugment():
+    tf = build_transform(32, True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, **EVAL_KW)
+    assert any(isinstance(t, RandAugment) for t in tf.transforms)
+    assert tf(Image.new("RGB", (100, 60))).shape == (3, 32, 32)
+
+
+def test_train_aug_from_dictconfig_and_unknown_key():
+    aug = OmegaConf.create({"scale": [0.5, 1.0], "hflip": 0.0})
+    dm = DigitsDataModule(train_aug=aug)
+    assert dm.train_aug["scale"] == [0.5, 1.0] and dm.train_aug["hflip"] == 0.0
+    with pytest.raises(ValueError, match="unknown train_aug keys"):
+        DigitsDataModule(train_aug={"mixup": 0.8})
+
+
+# --- digits -----------------------------------------------------------------------
+
+
+def test_digits_split_sizes_and_stratification(digits):
+    assert (len(digits.train_set), len(digits.val_set)) == (1437, 360)
+    assert digits.num_classes == 10 and digits.class_names == [str(d) for d in range(10)]
+    assert set(digits.train_set.labels) == set(digits.val_set.labels) == set(range(10))
+
+
+def test_digits_split_is_deterministic(digits):
+    other = DigitsDataModule()
+    other.setup()
+    assert other.val_set.labels == digits.val_set.labels
+    for i in (0, 100, 359):
+        assert np.array_equal(np.asarray(other.val_set.images[i]), np.asarray(digits.val_set.images[i]))
+
+
+def test_digits_batches(digits):
+    x, y = next(iter(digits.train_dataloader()))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) <= 9
+    xv, _ = next(iter(digits.val_dataloader()))
+    assert xv.shape == (32, 3, 32, 32)
+    assert len(digits.val_dataloader()) == 12  # 360 / 32, last batch kept
+    assert len(digits.train_dataloader()) == 1437 // 32  # drop_last
+
+
+def test_digits_train_random_eval_deterministic(digits):
+    torch.manual_seed(0)
+    train_views = [digits.train_set[5][0] for _ in range(4)]
+    assert any(not torch.equal(train_views[0], v) for v in train_views[1:])
+    assert torch.equal(digits.val_set[5][0], digits.val_set[5][0])
+
+
+def test_digits_epoch_covers_train_split(digits):
+    n = sum(len(y) for _, y in digits.train_dataloader())
+    assert n == 1437 // 32 * 32
+
+
+# --- image folder -----------------------------------------------------------------
+
+
+def test_imagefolder_batches(tree):
+    dm = ImageFolderDataModule(str(tree), batch_size=4, num_workers=0, img_size=32)
+    assert dm.num_classes == 3 and dm.class_names == WNIDS
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert set(y.tolist()) <= {0, 1, 2}
+    xs, ys = zip(*dm.val_dataloader())
+    assert torch.cat(xs).shape == (6, 3, 32, 32)
+    assert torch.cat(ys).tolist() == [0, 0, 1, 1, 2, 2]
+    assert dm.eval_transform()(Image.new("RGB", (100, 60))).shape == (3, 32, 32)
+
+
+def test_imagefolder_missing_data_dir(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match="data_dir") as err:
+        ImageFolderDataModule(str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_imagefolder_missing_val(tmp_path):
+    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1),))
+    with pytest.raises(DataError) as err:
+        ImageFolderDataModule(str(root))
+    assert str(root / "val") in str(err.value)
+
+
+def test_imagefolder_split_without_classes(tmp_path):
+    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1),))
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match="no class folders") as err:
+        ImageFolderDataModule(str(root))
+    assert str(root / "val") in str(err.value)
+
+
+def test_imagefolder_class_without_images(tree):
+    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG").unlink()
+    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_1.JPEG").unlink()
+    (tree / "val" / WNIDS[1] / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="hold no images") as err:
+        ImageFolderDataModule(str(tree))
+    assert str(tree / "val") in str(err.value) and WNIDS[1] in str(err.value)
+
+
+def test_imagefolder_differing_classes(tmp_path):
+    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1), ("val", WNIDS[:2] + ["n09999999"], 1)))
+    with pytest.raises(DataError, match="different class folders") as err:
+        ImageFolderDataModule(str(root))
+    assert str(root) in str(err.value) and WNIDS[2] in str(err.value) and "n09999999" in str(err.value)
+
+
+@pytest.fixture
+def truncated(tree) -> Path:
+    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_image_raises(tree, truncated):
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32)
+    dm.setup()
+    with pytest.raises(DataError, match="skip_corrupt") as err:
+        dm.val_set[0]
+    assert str(truncated) in str(err.value)
+
+
+def test_truncated_image_skipped_and_counted(tree, truncated):
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32, skip_corrupt=True)
+    with pytest.warns(UserWarning, match=str(truncated)):
+        ys = torch.cat([y for _, y in dm.val_dataloader()])
+    assert ys.tolist() == [0, 0, 1, 1, 2, 2]  # the bad item is replaced by the next readable one
+    assert dm.corrupt_count == 1 and dm.corrupt_files == [str(truncated)]
+    torch.cat([y for _, y in dm.val_dataloader()])  # known-bad file skipped again, not re-counted
+    assert dm.corrupt_count == 1
+
+
+def test_train_split_smaller_than_batch(tree):
+    dm = ImageFolderDataModule(str(tree), batch_size=64, num_workers=0, img_size=32)
+    with pytest.raises(DataError, match="batch_size"):
+        dm.train_dataloader()
