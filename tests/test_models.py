@@ -1,0 +1,461 @@
+"""Behaviour of the DynaMixer backbone: sizes, release compatibility, dynamic mixing, the reference
+oracle, gradients, compilation and the errors raised for bad configurations or inputs."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import dynamixer  # noqa: F401  (registers the timm models)
+from dynamixer import load_release_checkpoint
+from dynamixer.models import DynaMixer, DynaMixerBlock, DynaMixerOp, model_kwargs_from_release
+from dynamixer.models.reference import ReferenceDynaMixer, reference_from, reference_key_map
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+EXPECTED_PARAMS = {"dynamixer_s": 26_265_960, "dynamixer_m": 57_128_264, "dynamixer_l": 97_818_088}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
+def release_shapes() -> dict:
+    return json.loads((REFERENCE / "dynamixer_state_dict_shapes.json").read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def variant(name: str) -> DynaMixer:
+    """The 1000-class model of a paper variant (built once per test session)."""
+    return timm.create_model(name)
+
+
+def random_release_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(tuple(shape), generator=g) for k, shape in release_shapes()[name]["state_dict"].items()}
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Non-trivial weights (the default init gives near-uniform mixing matrices and zero biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            is_norm_weight = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + noise if is_norm_weight else noise)
+    return model
+
+
+def tiny(**kwargs) -> DynaMixer:
+    return timm.create_model("dynamixer_tiny", **kwargs)
+
+
+# ------------------------------------------------------------------ sizes and release compatibility
+@pytest.mark.parametrize("name", ["dynamixer_s", "dynamixer_m", "dynamixer_l"])
+def test_param_counts_match_paper_and_release(name):
+    model = variant(name)
+    assert model.num_classes == 1000
+    assert n_params(model) == EXPECTED_PARAMS[name] == release_shapes()[name]["num_params"]
+
+
+# release key -> our attribute path, checked by hand (not through release_key_map)
+HAND_MAPPED = {
+    "dynamixer_s": {
+        "patch_embed.proj.weight": "stem.weight",
+        "network.1.proj.weight": "stages.1.downsample.weight",  # transition after stage 0
+        "network.2.0.attn.mix_h.generate.weight": "stages.1.blocks.0.token_mixer.mix_h.generate.weight",
+        "network.3.7.attn.mix_w.compress.weight": "stages.2.blocks.7.token_mixer.mix_w.compress.weight",
+        "network.4.2.mlp.fc2.bias": "stages.3.blocks.2.mlp.fc2.bias",
+        "head.weight": "head.weight",
+    },
+    "dynamixer_m": {
+        "network.1.2.attn.reweight.fc1.weight": "stages.1.blocks.2.token_mixer.reweight.fc1.weight",
+        "network.2.proj.weight": "stages.2.downsample.weight",  # transition after stage 1
+        "network.3.13.attn.mlp_c.weight": "stages.2.blocks.13.token_mixer.mlp_c.weight",
+        "norm.weight": "norm.weight",
+    },
+    "dynamixer_l": {
+        "network.1.proj.bias": "stages.1.downsample.bias",
+        "network.4.3.attn.proj.weight": "stages.3.blocks.3.token_mixer.proj.weight",
+        "network.0.7.attn.mix_h.compress.weight": "stages.0.blocks.7.token_mixer.mix_h.compress.weight",
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["dynamixer_s", "dynamixer_m", "dynamixer_l"])
+def test_release_state_dict_loads_strictly(name):
+    model = variant(name)
+    sd = random_release_state_dict(name)
+    load_release_checkpoint(model, sd)  # strict: raises on any missing/unexpected/mis-shaped key
+    ours = model.state_dict()
+    assert len(ours) == len(sd)
+    for release_key, our_key in HAND_MAPPED[name].items():
+        assert torch.equal(ours[our_key], sd[release_key]), (release_key, our_key)
+    # every release tensor landed somewhere, once: the loaded values are a permutation of the keys
+    assert sorted(float(v.sum()) for v in ours.values()) == sorted(float(v.sum()) for v in sd.values())
+
+
+def test_checkpoint_of_another_variant_is_rejected_with_key_names():
+    s = variant("dynamixer_s")
+    with pytest.raises(ValueError) as info:
+        load_release_checkpoint(s, random_release_state_dict("dynamixer_m"))
+    msg = str(info.value)
+    assert "patch_embed.proj.weight: checkpoint (256, 3, 7, 7) vs model (192, 3, 7, 7)" in msg
+    # S has its transition conv at network.1, M has stage 1's blocks there
+    assert "missing" in msg and "network.1.proj.weight" in msg
+    assert "unexpected" in msg and "network.1.0.norm1.weight" in msg
+    assert "variant" in msg
+
+
+def test_checkpoint_with_another_class_count_is_rejected_with_key_names():
+    model = timm.create_model("dynamixer_s", num_classes=10)
+    with pytest.raises(ValueError) as info:
+        load_release_checkpoint(model, random_release_state_dict("dynamixer_s"))
+    msg = str(info.value)
+    assert "head.weight: checkpoint (1000, 384) vs model (10, 384)" in msg
+    assert "head.bias" in msg and "num_classes" in msg
+
+
+def test_tiny_parity_with_release_logits():
+    ref = torch.load(REFERENCE / "tiny_parity.pt", weights_only=False)
+    model = DynaMixer(**model_kwargs_from_release(ref["config"]))
+    load_release_checkpoint(model, ref["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(ref["input"])
+    assert logits.shape == ref["logits"].shape
+    assert rel_err(logits, ref["logits"]) < 1e-5
+
+
+# ------------------------------------------------------------------------- variants, sizes, kwargs
+def test_tiny_variant_is_small_and_runs_on_32px():
+    model = tiny().eval()
+    assert n_params(model) < 1_000_000
+    assert model.img_size == (32, 32) and model.num_classes == 10
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_create_model_kwargs_and_drop_path_schedule():
+    # S's patch is 7, so img_size=64 (not a multiple of 7) is rejected (see test_img_size_not_divisible_by_patch);
+    # 112 = 16 * 7 is the nearest small valid size.
+    model = timm.create_model("dynamixer_s", num_classes=10, img_size=112, drop_path_rate=0.1)
+    assert model.head.out_features == 10
+    assert model.resolutions == [(16, 16), (8, 8), (8, 8), (8, 8)]
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for st in model.stages for b in st.blocks]
+    assert len(rates) == 18
+    assert rates == pytest.approx([0.1 * k / 17 for k in range(18)])
+    model.train()
+    out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 10)
+    # with a smaller patch, S accepts 64x64 too
+    s64 = timm.create_model("dynamixer_s", num_classes=10, img_size=64, patch_size=4, drop_path_rate=0.1)
+    assert s64.resolutions == [(16, 16), (8, 8), (8, 8), (8, 8)]
+    assert s64(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, size, resolutions",
+    [
+        ("dynamixer_s", {}, (224, 224), [32, 16, 16, 16]),
+        ("dynamixer_s", {"img_size": 112}, (112, 112), [16, 8, 8, 8]),
+        ("dynamixer_tiny", {}, (32, 32), [8, 4, 4, 4]),
+        ("dynamixer_tiny", {"img_size": 64}, (64, 64), [16, 8, 8, 8]),
+        ("dynamixer_tiny", {"img_size": (32, 64)}, (32, 64), [(8, 16), (4, 8), (4, 8), (4, 8)]),
+    ],
+)
+def test_image_sizes_build_and_run(name, kwargs, size, resolutions):
+    model = timm.create_model(name, **kwargs).eval()
+    expected = [r if isinstance(r, tuple) else (r, r) for r in resolutions]
+    assert model.resolutions == expected
+    # each stage's ops are built for its sequence lengths
+    for stage, (h, w) in zip(model.stages, expected):
+        mixer = stage.blocks[0].token_mixer
+        assert (mixer.mix_h.seq_len, mixer.mix_w.seq_len) == (h, w)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+
+
+def test_m_resolutions_at_224():
+    assert variant("dynamixer_m").resolutions == [(32, 32), (32, 32), (16, 16), (16, 16)]
+    assert variant("dynamixer_s").resolutions == [(32, 32), (16, 16), (16, 16), (16, 16)]
+
+
+def test_segments_and_reduced_dim_set_op_shapes():
+    # one int for all stages
+    model = tiny(segments=8, reduced_dim=3)
+    for stage, (h, w) in zip(model.stages, model.resolutions):
+        for op, n in ((stage.blocks[0].token_mixer.mix_h, h), (stage.blocks[0].token_mixer.mix_w, w)):
+            assert (op.segments, op.reduced_dim) == (8, 3)
+            assert op.compress.weight.shape == (8 * 3, op.out.in_features)
+            assert op.generate.weight.shape == (n * n, n * 3)
+    # per-stage lists, non-square grid: H and W ops differ
+    model = tiny(img_size=(32, 64), segments=[2, 4, 8, 16], reduced_dim=[1, 2, 3, 4])
+    dims = [64, 112, 112, 112]
+    for i, stage in enumerate(model.stages):
+        s, d = [2, 4, 8, 16][i], [1, 2, 3, 4][i]
+        h, w = model.resolutions[i]
+        mixer = stage.blocks[0].token_mixer
+        assert mixer.mix_h.compress.weight.shape == (s * d, dims[i])
+        assert mixer.mix_w.compress.weight.shape == (s * d, dims[i])
+        assert mixer.mix_h.generate.weight.shape == (h * h, h * d)
+        assert mixer.mix_w.generate.weight.shape == (w * w, w * d)
+
+
+# --------------------------------------------------------------------------------- dynamic mixing
+def make_op(seed: int = 0, **kw) -> DynaMixerOp:
+    torch.manual_seed(seed)
+    args = {"dim": 16, "seq_len": 6, "segments": 2, "reduced_dim": 3, **kw}
+    return randomize_(DynaMixerOp(**args), seed=seed, std=0.5)
+
+
+def test_op_mixing_matrices_shape_and_normalisation():
+    op = make_op()
+    x = torch.randn(3, 5, 6, 16)
+    p = op.mixing_matrices(x)
+    assert p.shape == (3, 5, 2, 6, 6)
+    assert torch.allclose(p.sum(dim=-2), torch.ones(3, 5, 2, 6), atol=1e-6)
+    assert (p >= 0).all()
+    # two different inputs give different matrices
+    assert not torch.allclose(p, op.mixing_matrices(torch.randn(3, 5, 6, 16)), atol=1e-3)
+
+
+def test_op_forward_is_mixing_by_its_matrices_then_out():
+    op = make_op()
+    x = torch.randn(2, 3, 6, 16)
+    p = op.mixing_matrices(x)
+    S, g = 2, 8
+    groups = []
+    for s in range(S):
+        xs = x[..., s * g : (s + 1) * g]  # (B, L, N, g)
+        groups.append(torch.einsum("blij,blic->bljc", p[:, :, s], xs))  # Y_s[j] = sum_i P_s[i, j] X_s[i]
+    by_hand = op.out(torch.cat(groups, dim=-1))
+    assert torch.allclose(op(x), by_hand, atol=1e-5)
+
+
+def _response_to_delta(op: DynaMixerOp, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return op(x + delta) - op(x)
+
+
+def test_mixing_is_dynamic_not_a_static_matrix():
+    op = make_op()
+    x1, x2 = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+    delta = torch.zeros(1, 1, 6, 16)
+    delta[:, :, 0] = torch.randn(16)  # change only token 0
+
+    # For a static (input-independent) matrix, op is affine, so f(x + δ) - f(x) does not depend on x.
+    static = make_op()
+    with torch.no_grad():
+        static.generate.weight.zero_()  # matrix = softmax(bias): the same for every input
+    s1, s2 = _response_to_delta(static, x1, delta), _response_to_delta(static, x2, delta)
+    assert torch.allclose(s1, s2, atol=1e-5)  # control: the check below would fail for a static mixer
+
+    d1, d2 = _response_to_delta(op, x1, delta), _response_to_delta(op, x2, delta)
+    assert rel_err(d1, d2) > 0.05
+    # ...also at the tokens that were not changed, through the groups' mixing (out mixes channels only)
+    assert rel_err(d1[:, :, 1:], d2[:, :, 1:]) > 0.05
+
+    # changing token 0 changes the weights every other output token j gives to every source token i
+    p, q = op.mixing_matrices(x1), op.mixing_matrices(x1 + delta)
+    changed = (p - q).abs()[..., 1:]  # columns j = 1..N-1
+    assert (changed.amax(dim=-2) > 1e-4).all()
+
+
+def test_block_explain_shapes_and_consistency():
+    torch.manual_seed(0)
+    block = randomize_(DynaMixerBlock(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
+    x = torch.randn(2, 4, 6, 16)
+    info = block.explain(x)
+    assert info["mix_h"].shape == (2, 6, 4, 4, 4)  # (B, W columns, S, H, H)
+    assert info["mix_w"].shape == (2, 4, 4, 6, 6)  # (B, H rows, S, W, W)
+    assert info["branch_weights"].shape == (2, 16, 3)
+    for key in ("mix_h", "mix_w"):
+        assert torch.allclose(info[key].sum(dim=-2), torch.ones(()), atol=1e-6)
+    assert torch.allclose(info["branch_weights"].sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.allclose(info["mix_h"], block.mix_h.mixing_matrices(x.transpose(1, 2)))
+    other = block.explain(torch.randn(2, 4, 6, 16))
+    assert not torch.allclose(info["mix_w"], other["mix_w"], atol=1e-3)
+    assert "branch_weights" not in DynaMixerBlock(16, (4, 6), 4, 2, fusion="sum").explain(x)
+
+
+def test_model_explain_per_layer():
+    model = randomize_(tiny(), std=0.1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    found = model.explain(x)
+    assert len(found) == 7  # layers (2, 2, 2, 1)
+    segs = [4, 4, 8, 8, 8, 8, 8]
+    res = [8, 8, 4, 4, 4, 4, 4]
+    for info, s, n in zip(found, segs, res):
+        assert info["mix_h"].shape == (2, n, s, n, n)
+        assert info["mix_w"].shape == (2, n, s, n, n)
+        assert torch.allclose(info["mix_w"].sum(dim=-2), torch.ones(()), atol=1e-5)
+    # the first layer's matrices are those of its actual (normalised) input
+    with torch.no_grad():
+        tokens = model.stages[0].blocks[0].norm1(model.stem(x).permute(0, 2, 3, 1))
+        expected = model.stages[0].blocks[0].token_mixer.mix_w.mixing_matrices(tokens)
+    assert torch.allclose(found[0]["mix_w"], expected, atol=1e-6)
+    other = model.explain(torch.randn(2, 3, 32, 32))
+    assert all(not torch.allclose(a["mix_h"], b["mix_h"], atol=1e-4) for a, b in zip(found, other))
+
+
+# ------------------------------------------------------------------------------- reference oracle
+ORACLE_CASES = {
+    "tiny": ("dynamixer_tiny", {}),
+    "tiny-64": ("dynamixer_tiny", {"img_size": 64}),
+    "tiny-nonsquare": ("dynamixer_tiny", {"img_size": (32, 64)}),
+    "tiny-sum": ("dynamixer_tiny", {"fusion": "sum"}),
+    "tiny-per-stage": (
+        "dynamixer_tiny",
+        {"segments": [2, 4, 8, 16], "reduced_dim": [1, 2, 3, 4], "mlp_ratio": [2, 3, 4, 1.5], "qkv_bias": True},
+    ),
+    "s-56": ("dynamixer_s", {"img_size": 56, "num_classes": 7}),
+    "m-56": ("dynamixer_m", {"img_size": 56, "num_classes": 7}),
+}
+
+
+def _oracle_pair(case: str, **extra):
+    name, kwargs = ORACLE_CASES[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**kwargs, **extra})
+    randomize_(model, std=0.05 if name != "dynamixer_tiny" else 0.1)
+    return model, reference_from(model)
+
+
+@pytest.mark.parametrize("case", list(ORACLE_CASES))
+def test_matches_reference_forward_eval(case):
+    model, ref = _oracle_pair(case)
+    model.eval(), ref.eval()
+    assert isinstance(ref, ReferenceDynaMixer)
+    x = torch.randn(3, 3, *model.img_size)
+    with torch.no_grad():
+        ours, theirs = model(x), ref(x)
+    assert ours.shape == theirs.shape
+    assert rel_err(ours, theirs) < 1e-5
+
+
+def _compare_grads(model, ref, x, seed=None):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    ya = model(xa)
+    if seed is not None:
+        torch.manual_seed(seed)
+    yb = ref(xb)
+    assert rel_err(ya, yb) < 1e-5
+    w = torch.randn_like(ya)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    assert rel_err(xa.grad, xb.grad) < 1e-5
+    ref_params = dict(ref.named_parameters())
+    mapping = reference_key_map(model)
+    named = list(model.named_parameters())
+    assert len(named) == len(ref_params)
+    for name, p in named:
+        q = ref_params[mapping[name]]
+        assert p.grad is not None and q.grad is not None, name
+        assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm() + 1e-8, name
+
+
+@pytest.mark.parametrize("case", ["tiny", "tiny-nonsquare", "tiny-sum", "tiny-per-stage", "s-56"])
+def test_matches_reference_gradients_train(case):
+    model, ref = _oracle_pair(case)
+    model.train(), ref.train()
+    _compare_grads(model, ref, torch.randn(2, 3, *model.img_size))
+
+
+def test_matches_reference_with_stochastic_depth_and_dropout_same_seed():
+    model, ref = _oracle_pair("tiny", drop_path_rate=0.3, proj_drop_rate=0.1, drop_rate=0.2)
+    model.train(), ref.train()
+    ref_rates = [layer.drop_path.rate for st in ref.stages for layer in st.layers]
+    our_rates = [getattr(b.drop_path, "drop_prob", 0.0) for st in model.stages for b in st.blocks]
+    assert our_rates == pytest.approx(ref_rates)
+    _compare_grads(model, ref, torch.randn(4, 3, 32, 32), seed=123)
+    # eval: drop path and dropout are the identity
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-5
+        assert torch.equal(model(x), model(x))
+
+
+def test_reference_from_release_parity_config():
+    ref_data = torch.load(REFERENCE / "tiny_parity.pt", weights_only=False)
+    model = DynaMixer(**model_kwargs_from_release(ref_data["config"]))
+    load_release_checkpoint(model, ref_data["state_dict"])
+    model.eval()
+    oracle = reference_from(model).eval()
+    with torch.no_grad():
+        assert rel_err(oracle(ref_data["input"]), ref_data["logits"]) < 1e-5
+
+
+# ------------------------------------------------------------------------- training and compiling
+def test_gradients_reach_every_parameter_of_tiny():
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.1).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_(tiny(), std=0.1).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager, comp = model(x), compiled(x)
+    torch._dynamo.reset()
+    assert torch.allclose(comp, eager, atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- bad input
+def test_segments_not_dividing_stage_dim():
+    with pytest.raises(ValueError) as info:
+        tiny(segments=5)
+    msg = str(info.value)
+    assert "segments=5" in msg and "dimension 64" in msg and "divide" in msg
+
+
+def test_img_size_not_divisible_by_patch():
+    with pytest.raises(ValueError) as info:
+        timm.create_model("dynamixer_s", img_size=100)
+    msg = str(info.value)
+    assert "img_size=(100, 100)" in msg and "patch_size=7" in msg and "multiple of 7" in msg
+
+
+def test_img_size_whose_token_grid_a_transition_cannot_halve():
+    with pytest.raises(ValueError) as info:
+        tiny(img_size=36)  # 36 / 4 = 9x9 tokens
+    msg = str(info.value)
+    assert "img_size=(36, 36)" in msg and "9x9" in msg and "multiple of 8" in msg
+
+
+def test_input_of_another_size_than_built_for():
+    model = tiny()
+    with pytest.raises(ValueError) as info:
+        model(torch.randn(2, 3, 64, 64))
+    msg = str(info.value)
+    assert "(2, 3, 64, 64)" in msg and "32x32" in msg and "img_size=(64, 64)" in msg
+
+
+def test_per_stage_list_of_wrong_length():
+    with pytest.raises(ValueError) as info:
+        tiny(segments=[4, 8])
+    msg = str(info.value)
+    assert "segments" in msg and "[4, 8]" in msg and "4 stages" in msg
