@@ -1,0 +1,163 @@
+"""LightningModule for image classification with the paper's recipe: mixup/cutmix, label smoothing,
+EMA of the weights, AdamW without decay on 1-D parameters, per-step cosine schedule with warm-up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = ["ImageClassifier"]
+
+
+class ImageClassifier(L.LightningModule):
+    """Trains any image classifier `(B, 3, H, W) -> (B, num_classes)` with the DynaMixer recipe.
+
+    `optimizer`, `scheduler` and `mixup` are factories (Hydra `_partial_` objects): the optimizer
+    takes the parameter groups, the scheduler takes the optimizer, `steps_per_epoch` and `max_epochs`
+    (see `dynamixer.schedules`) and is stepped after every optimizer step, `mixup` takes `num_classes`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Scheduler] | None = None,
+        mixup: Callable[..., Mixup] | None = None,
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        # the run's resolved config travels in every checkpoint, so test/predict can rebuild the model
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "mixup"])
+        self.model = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.mixup_fn = mixup(num_classes=num_classes) if mixup is not None else None
+        if self.mixup_fn is not None and self.mixup_fn.mixup_enabled:
+            # mixup already folds label smoothing into its soft targets
+            self.train_loss_fn: nn.Module = SoftTargetCrossEntropy()
+        elif label_smoothing > 0:
+            self.train_loss_fn = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
+        else:
+            self.train_loss_fn = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)  # updated by `update`, never by the optimizer or DDP
+
+        def accuracy(prefix: str) -> MetricCollection:
+            top5 = min(5, num_classes)
+            return MetricCollection(
+                {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                 f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")},
+                prefix=prefix,
+            )
+
+        self.val_acc = accuracy("val/")
+        self.val_loss = MeanMetric()
+        if self.ema is not None:
+            self.val_ema_acc = accuracy("val/ema_")
+            self.val_ema_loss = MeanMetric()
+        self._epoch_start, self._epoch_images = 0.0, 0
+        # one entry of validation metrics per epoch; saved in checkpoints so resumed runs keep it
+        self.history: list[dict[str, float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- training -------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        loss = self.train_loss_fn(self.model(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self._epoch_images += x.shape[0]
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+
+    def on_train_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        # images/s of this process times the world size: the throughput of the whole run
+        images_per_sec = self._epoch_images * self.trainer.world_size / max(seconds, 1e-9)
+        self.log("train/throughput", images_per_sec, sync_dist=True, reduce_fx="mean")
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=x.shape[0])
+        self.val_acc.update(logits, y)
+        if self.ema is not None:
+            ema_logits = self.ema.module(x)
+            self.val_ema_loss.update(F.cross_entropy(ema_logits, y), weight=x.shape[0])
+            self.val_ema_acc.update(ema_logits, y)
+
+    def _log_evaluation(self) -> None:
+        self.log("val/loss", self.val_loss, prog_bar=False)
+        self.log_dict(self.val_acc, prog_bar=True)
+        if self.ema is not None:
+            self.log("val/ema_loss", self.val_ema_loss)
+            self.log_dict(self.val_ema_acc, prog_bar=True)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        self.history.append({"epoch": self.current_epoch, "step": self.global_step, **metrics})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("val_history", []))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch)
+        self._log_evaluation()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch)
+        self._log_evaluation()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(x).softmax(dim=-1)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        # no decay on biases, norms and every other 1-D parameter (nor on the model's own list)
+        groups = param_groups_weight_decay(self.model, weight_decay, getattr(self.model, "no_weight_decay", set)())
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        max_epochs = max(self.trainer.max_epochs or 1, 1)
+        steps_per_epoch = self.trainer.estimated_stepping_batches / max_epochs
+        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
+        # timm schedulers are stepped with the number of optimizer updates done so far
+        scheduler.step_update(num_updates=self.global_step)

@@ -1,0 +1,59 @@
+"""Hardware checks and process launching for Lightning under Hydra."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+
+class HardwareError(RuntimeError):
+    """The trainer asks for devices this machine does not have."""
+
+
+def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
+    """Fail early, naming the fix, when the trainer config asks for GPUs that are not there.
+
+    `accelerator=auto` with several devices means GPUs (as in `trainer.devices=8`); CPU processes
+    need `hardware=cpu` (accelerator cpu) to be asked for explicitly.
+    """
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, int) and devices > 0:
+        wanted = devices
+    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        wanted = len(devices)
+    else:
+        return
+    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and wanted > 1)
+    have = torch.cuda.device_count()
+    if wants_gpu and have < wanted:
+        raise HardwareError(
+            f"trainer.devices={devices} (accelerator={accelerator}) asks for {wanted} GPU(s), but this machine has "
+            f"{have}. Run it on a machine with {wanted} GPUs, lower trainer.devices, or train data-parallel on CPU "
+            f"processes with hardware=cpu trainer.devices={wanted}."
+        )
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's DDP re-launch of this script run *this* multirun job, in *its* folder.
+
+    Lightning starts ranks 1..N-1 as `sys.argv + hydra.run.dir=<HydraConfig run.dir>`; inside a multirun
+    that would start the whole sweep again, in the wrong folder. We hand it the job's own overrides and
+    output folder instead.
+    """
+    if not is_multirun():
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
