@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.utils.complexity import count_gmacs, count_params
-from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch
+from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch, release_distributed
 from dynamixer.utils.results import write_results
+from dynamixer.utils.tracking import close_loggers, configure_wandb
 
 log = logging.getLogger(__name__)
 # the EMA copy of the model is meant to stay in eval mode while the raw model trains
@@ -32,6 +33,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
+    built_for = tuple(getattr(model, "img_size", (datamodule.img_size,) * 2))
+    if built_for != (datamodule.img_size,) * 2:
+        raise ValueError(
+            f"data.img_size={datamodule.img_size} but the model is built for {built_for[0]}x{built_for[1]} images: "
+            f"set model.img_size (data.img_size follows it) instead of data.img_size"
+        )
     # partial first: the objects and the plain run config passed next must not be re-instantiated
     module = instantiate(cfg.module, _partial_=True)(
         model=model,
@@ -64,7 +71,14 @@ def _monitor(trainer: L.Trainer) -> str | None:
     return getattr(callback, "monitor", None)
 
 
-def summarize(module: ImageClassifier, trainer: L.Trainer, cfg: DictConfig) -> dict[str, Any]:
+def model_size(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter count and GMACs per image (at the size the model is built for)."""
+    img_size = getattr(model, "img_size", None)
+    gmacs = round(count_gmacs(model, (3, *img_size)), 4) if img_size else None
+    return {"num_params": count_params(model), "gmacs": gmacs}
+
+
+def summarize(module: ImageClassifier, trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any]) -> dict[str, Any]:
     """The content of `results.json`: final and best validation metrics, best checkpoint, model size."""
     history, monitor = module.history, _monitor(trainer)
     best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
@@ -76,10 +90,7 @@ def summarize(module: ImageClassifier, trainer: L.Trainer, cfg: DictConfig) -> d
         "monitor": monitor,
         "best_checkpoint": getattr(callback, "best_model_path", None) or None,
         "last_checkpoint": getattr(callback, "last_model_path", None) or None,
-        "num_params": count_params(module.model),
-        "gmacs": round(count_gmacs(module.model, (3, *module.model.img_size)), 4)
-        if hasattr(module.model, "img_size")
-        else None,
+        **size,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "overrides": _overrides(),
@@ -101,6 +112,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_results(cfg.paths.output_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}",
                                               "overrides": _overrides()})
         return {"status": "failed"}
+    finally:
+        release_distributed()
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
@@ -109,22 +122,24 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    configure_wandb(cfg.get("logger"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    size = {"model/params": count_params(module.model)}
-    if hasattr(module.model, "img_size"):
-        size["model/gmacs"] = count_gmacs(module.model, (3, *module.model.img_size))
+    size = model_size(module.model)
     for logger in trainer.loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **size})
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **{f"model/{k}": v for k, v in size.items()}})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
-    results = summarize(module, trainer, cfg)
-    if trainer.is_global_zero:
-        path = write_results(cfg.paths.output_dir, results)
-        log.info("results: %s", path)
-        log.info("checkpoints: %s", Path(cfg.paths.output_dir) / "checkpoints")
-        log.info("logs: %s", trainer.log_dir or cfg.paths.output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+        results = summarize(module, trainer, cfg, size)
+        if trainer.is_global_zero:
+            path = write_results(cfg.paths.output_dir, results)
+            log.info("results: %s", path)
+            log.info("checkpoints: %s", Path(cfg.paths.output_dir) / "checkpoints")
+            log.info("logs: %s", ", ".join(str(lg.log_dir or lg.save_dir) for lg in trainer.loggers) or "none")
+    finally:
+        close_loggers(trainer.loggers)
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -57,3 +58,14 @@ def prepare_ddp_relaunch() -> None:
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def release_distributed() -> None:
+    """End this job's process group, so that the next job of a multirun starts a fresh one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if is_multirun():
+        # Lightning's launcher leaves these in this process's environment; with LOCAL_RANK set, the next
+        # job would believe its ranks were started externally and wait for them forever
+        for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(name, None)

@@ -1,0 +1,161 @@
+"""The Hydra config groups compose, instantiate, and hold the paper's recipe value by value."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from dynamixer.data import ImageFolderDataModule
+from dynamixer.utils.launch import HardwareError, check_devices
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "data", "optimizer", "scheduler", "trainer", "hardware", "logger", "callbacks", "debug")
+}
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group: str, option: str) -> None:
+    cfg = compose_train(f"{group}={option}")
+    assert cfg.model.model_name.startswith("dynamixer_")
+    OmegaConf.to_container(cfg.model, resolve=True)  # no dangling interpolations in the model
+
+
+@pytest.mark.parametrize("option", GROUPS["model"])
+def test_every_model_config_exposes_the_ablation_axes(option: str) -> None:
+    raw = OmegaConf.load(CONF / "model" / f"{option}.yaml")
+    assert {"segments", "reduced_dim", "img_size", "drop_path_rate"} <= set(raw)
+
+
+def test_default_run_instantiates_the_tiny_model_on_digits() -> None:
+    cfg = compose_train()
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
+    assert datamodule.num_classes == 10 and datamodule.img_size == cfg.model.img_size == 32
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.scheduler.warmup_lr)
+    assert scheduler.t_initial == 10 * cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize(
+    "override,value", [("model.segments=2", [2, 2, 2, 2]), ("model.segments=[2,4,4,8]", [2, 4, 4, 8])]
+)
+def test_segments_override_reaches_every_op(override: str, value: list[int]) -> None:
+    cfg = compose_train(override, "model.reduced_dim=3")
+    model = instantiate(cfg.model, num_classes=10, _convert_="all")
+    for stage, segments in zip(model.stages, value):
+        for block in stage.blocks:
+            for op in (block.token_mixer.mix_h, block.token_mixer.mix_w):
+                assert (op.segments, op.reduced_dim) == (segments, 3)
+
+
+def test_unknown_group_option_lists_the_choices() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train("model=dynamixer_xl")
+    assert "dynamixer_xl" in str(err.value) and "dynamixer_s" in str(err.value)
+
+
+def test_unknown_key_is_rejected() -> None:
+    with pytest.raises(ConfigCompositionException, match="segmnets"):
+        compose_train("model.segmnets=4")
+
+
+def test_segments_that_do_not_divide_fail_at_instantiation_naming_the_fix() -> None:
+    cfg = compose_train("model.segments=5")
+    with pytest.raises(InstantiationException) as err:
+        instantiate(cfg.model, num_classes=10, _convert_="all")
+    message = str(err.value)
+    assert "segments=5" in message and "not divisible" in message
+
+
+def test_eight_gpus_compose_and_fail_clearly_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_train("model=dynamixer_s", "trainer.devices=8")
+    assert cfg.trainer.devices == 8 and cfg.model.model_name == "dynamixer_s" and cfg.data.img_size == 224
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(HardwareError, match=r"8 GPU\(s\), but this machine has 0.*hardware=cpu trainer.devices=8"):
+        check_devices(cfg.trainer)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    check_devices(cfg.trainer)  # an 8-GPU machine runs it as written
+    check_devices(compose_train("hardware=cpu", "trainer.devices=2").trainer)  # CPU DDP is asked for explicitly
+
+
+# SPEC §4, per variant: batch per GPU, drop path, crop pct.
+PAPER = {"s": (256, 0.1, 0.9), "m": (128, 0.1, 0.9), "l": (64, 0.3, 0.875)}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER))
+def test_imagenet_experiments_hold_the_paper_recipe(variant: str) -> None:
+    cfg = compose_train(f"experiment=dynamixer_{variant}_imagenet")
+    batch, drop_path, crop_pct = PAPER[variant]
+    expected = {
+        "model.model_name": f"dynamixer_{variant}",
+        "model.img_size": 224,
+        "model.drop_path_rate": drop_path,
+        "data._target_": "dynamixer.data.ImageFolderDataModule",
+        "data.img_size": 224,
+        "data.batch_size": batch,
+        "data.crop_pct": crop_pct,
+        "data.interpolation": "bicubic",
+        "data.train_aug.auto_augment": "rand-m9-mstd0.5-inc1",
+        "data.train_aug.color_jitter": 0.4,
+        "data.train_aug.re_prob": 0.25,
+        "data.train_aug.re_mode": "pixel",
+        "data.train_aug.train_interpolation": "random",
+        "data.train_aug.hflip": 0.5,
+        "trainer.accelerator": "gpu",
+        "trainer.devices": 8,
+        "trainer.strategy": "ddp",
+        "trainer.max_epochs": 310,
+        "trainer.precision": "16-mixed",
+        "trainer.gradient_clip_val": None,
+        "optimizer._target_": "torch.optim.AdamW",
+        "optimizer.lr": 2e-3,
+        "optimizer.weight_decay": 0.05,
+        "scheduler.warmup_epochs": 20,
+        "scheduler.cooldown_epochs": 10,
+        "scheduler.warmup_lr": 1e-6,
+        "scheduler.min_lr": 1e-5,
+        "module.label_smoothing": 0.1,
+        "module.ema_decay": 0.99996,
+        "module.mixup.mixup_alpha": 0.8,
+        "module.mixup.cutmix_alpha": 1.0,
+        "module.mixup.prob": 1.0,
+        "module.mixup.switch_prob": 0.5,
+        "module.mixup.mode": "batch",
+        "module.mixup.label_smoothing": 0.1,
+        "callbacks.model_checkpoint.monitor": "val/ema_acc1",
+        "seed": 42,
+    }
+    actual = {key: OmegaConf.select(cfg, key) for key in expected}
+    assert actual == expected
+    assert cfg.data.batch_size * cfg.trainer.devices == {"s": 2048, "m": 1024, "l": 512}[variant]
+    # mean/std are left to the data module, whose defaults are ImageNet's
+    params = inspect.signature(ImageFolderDataModule).parameters
+    assert "mean" not in cfg.data and "std" not in cfg.data
+    assert tuple(params["mean"].default) == IMAGENET_DEFAULT_MEAN
+    assert tuple(params["std"].default) == IMAGENET_DEFAULT_STD
+
+
+def test_paper_mixup_instantiates_as_configured() -> None:
+    cfg = compose_train("module/mixup=paper")
+    mixup = instantiate(cfg.module.mixup)(num_classes=10)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode) == (
+        0.8, 1.0, 1.0, 0.5, "batch"
+    )
+    assert mixup.label_smoothing == cfg.module.label_smoothing

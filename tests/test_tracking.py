@@ -1,0 +1,79 @@
+"""W&B tracking: offline without an API key, the run's config and metrics, a complete offline folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import wandb
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from dynamixer.run import train
+from dynamixer.utils.tracking import wandb_api_key_configured
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".config" / "wandb"))
+
+
+def test_api_key_detection(no_wandb_login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not wandb_api_key_configured()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_api_key_configured()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert wandb_api_key_configured()
+
+
+def test_wandb_run_offline_holds_config_and_metrics(
+    no_wandb_login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["logger=wandb", "debug=fast", "logger.wandb.tags=[ablation]", "logger.wandb.group=g1",
+                       "callbacks.progress_bar=null", "callbacks.model_summary=null"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        del cfg["hydra"]  # a job's own config holds no hydra node, as under @hydra.main
+
+    seen = {}
+    finish = wandb.sdk.wandb_run.Run.finish
+
+    def record_then_finish(run, *args, **kwargs):  # what the run holds just before it closes
+        seen.update(config=dict(run.config), summary=dict(run.summary), offline=run.offline,
+                    tags=run.tags, group=run.group, dir=Path(run.dir).parent, id=run.id)
+        return finish(run, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", record_then_finish)
+    results = train(cfg)
+
+    assert seen["offline"]  # no API key: never blocks on a login or a network
+    assert seen["tags"] == ("ablation",) and seen["group"] == "g1"
+    config = seen["config"]
+    assert config["model"]["model_name"] == "dynamixer_tiny"  # the resolved Hydra config
+    assert config["model/num_params"] == results["num_params"] == 849_062
+    assert config["model/gmacs"] == pytest.approx(results["gmacs"])
+    summary = seen["summary"]
+    for key in ("val/acc1", "val/ema_acc1", "val/loss"):
+        assert summary[key] == pytest.approx(results["final"][key])
+    assert summary["epoch"] == results["final"]["epoch"] == 1
+    assert {"train/throughput", "lr-AdamW/pg1", "lr-AdamW/pg2", "train/loss_epoch"} <= set(summary), sorted(summary)
+
+    run_dir = seen["dir"]  # <output_dir>/wandb/offline-run-*: what `wandb sync` uploads
+    assert run_dir.parent == tmp_path / "run" / "wandb" and run_dir.name.startswith("offline-run-")
+    assert (run_dir / f"run-{seen['id']}.wandb").stat().st_size > 1000
+    assert (run_dir / "files" / "output.log").is_file() and (run_dir / "logs" / "debug.log").is_file()
+    assert wandb.run is None  # finished, so a next multirun job opens its own run
