@@ -30,8 +30,9 @@ def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tm
         "trainer.limit_val_batches=1.0", "run_name=sweep", *QUIET, cwd=tmp_path,
     )
     sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0_model.segments=4", "1_model.segments=5", "2_model.segments=8"]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())  # named <num>_<overrides>
+    assert [j.split("_", 1)[0] for j in jobs] == ["0", "1", "2"]
+    assert all(f"model.segments-{s}" in j.split("__") for j, s in zip(jobs, (4, 5, 8))), jobs
     # the re-launched ranks ran in their job's folder: no stray single-run folders, no second sweep
     assert not (tmp_path / "logs" / "train" / "runs").exists()
 
@@ -40,7 +41,7 @@ def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tm
         assert results["status"] == "finished"
         assert results["global_step"] == 2 * 3  # debug=fast: 2 epochs of 3 batches on each rank
         ckpts = sorted(p.name for p in (sweep / job / "checkpoints").iterdir())
-        assert ckpts == ["epoch001.ckpt", "last.ckpt"]  # written once, by rank 0
+        assert ckpts == ["epoch001-step000006.ckpt", "last.ckpt"]  # written once, by rank 0
     assert good[0]["num_params"] != good[1]["num_params"]  # each job built its own model
     bad = json.loads((sweep / jobs[1] / "results.json").read_text())
     assert bad["status"] == "failed" and "segments=5" in bad["error"]

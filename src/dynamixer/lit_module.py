@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,9 +42,11 @@ class ImageClassifier(L.LightningModule):
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         run_config: dict[str, Any] | None = None,
+        data_info: dict[str, Any] | None = None,
     ):
         super().__init__()
-        # the run's resolved config travels in every checkpoint, so test/predict can rebuild the model
+        # the run's resolved config and the data's class names and eval transform travel in every
+        # checkpoint, so test/predict can rebuild the model and read images without the data set
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "mixup"])
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -73,8 +76,6 @@ class ImageClassifier(L.LightningModule):
             self.val_ema_acc = accuracy("val/ema_")
             self.val_ema_loss = MeanMetric()
         self._epoch_start, self._epoch_images = 0.0, 0
-        # one entry of validation metrics per epoch; saved in checkpoints so resumed runs keep it
-        self.history: list[dict[str, float]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -92,7 +93,9 @@ class ImageClassifier(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
+            # timm's convention (its train.py): `step` counts the updates including this one (1 for the
+            # first); Lightning's global_step is only incremented after this hook returns
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
@@ -101,7 +104,7 @@ class ImageClassifier(L.LightningModule):
         seconds = time.perf_counter() - self._epoch_start
         # images/s of this process times the world size: the throughput of the whole run
         images_per_sec = self._epoch_images * self.trainer.world_size / max(seconds, 1e-9)
-        self.log("train/throughput", images_per_sec, sync_dist=True, reduce_fx="mean")
+        self.log("train/throughput", images_per_sec, sync_dist=True, reduce_fx="mean", prog_bar=True)
 
     # --- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -121,17 +124,13 @@ class ImageClassifier(L.LightningModule):
             self.log("val/ema_loss", self.val_ema_loss)
             self.log_dict(self.val_ema_acc, prog_bar=True)
 
-    def on_validation_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step, **metrics})
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["val_history"] = self.history
+        # with the random states, a run resumed at an epoch boundary repeats the uninterrupted run exactly
+        checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = list(checkpoint.get("val_history", []))
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)
@@ -149,7 +148,10 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         # no decay on biases, norms and every other 1-D parameter (nor on the model's own list)
-        groups = param_groups_weight_decay(self.model, weight_decay, getattr(self.model, "no_weight_decay", set)())
+        # by keyword: recent timm has `weight_decay_exclude_1d` as the third positional parameter
+        groups = param_groups_weight_decay(
+            self.model, weight_decay, no_weight_decay_list=getattr(self.model, "no_weight_decay", set)()
+        )
         optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}

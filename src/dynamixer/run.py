@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dynamixer.callbacks import MetricsHistory
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.utils.complexity import count_gmacs, count_params
 from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch, release_distributed
@@ -29,10 +33,21 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising our own clear errors (bad values, missing files) as they are,
+    without Hydra's wrapper around them."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, OSError)):
+            raise err.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
+    datamodule = _instantiate(cfg.data)
+    model = _instantiate(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
     built_for = tuple(getattr(model, "img_size", (datamodule.img_size,) * 2))
     if built_for != (datamodule.img_size,) * 2:
         raise ValueError(
@@ -46,6 +61,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        data_info={
+            "class_names": list(datamodule.class_names),
+            "img_size": datamodule.img_size,
+            "crop_pct": datamodule.crop_pct,
+            "interpolation": datamodule.interpolation,
+            "mean": list(datamodule.mean),
+            "std": list(datamodule.std),
+        },
     )
     return datamodule, module
 
@@ -66,6 +89,31 @@ def _resume_path(cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
+def _describe(model_cfg: Any, num_classes: Any) -> str:
+    keys = ("model_name", "img_size", "segments", "reduced_dim", "fusion")
+    return f"{dict((k, model_cfg.get(k)) for k in keys)} with {num_classes} classes"
+
+
+def check_checkpoint_fits(ckpt_path: str, module: ImageClassifier, cfg: DictConfig) -> None:
+    """Fail early, naming both models, when a checkpoint's weights do not fit this run's model."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    saved = {k[len("model."):]: v.shape for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+    expected = {k: v.shape for k, v in module.model.state_dict().items()}
+    differ = [f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(v)}" for k, v in expected.items()
+              if k in saved and saved[k] != v]
+    differ += [f"{k}: not in the checkpoint" for k in expected if k not in saved]
+    differ += [f"{k}: not in the model" for k in saved if k not in expected]
+    if differ:
+        hparams = checkpoint.get("hyper_parameters", {})
+        stored = (hparams.get("run_config") or {}).get("model", {})
+        raise ValueError(
+            f"checkpoint {ckpt_path} does not fit this run's model ({len(differ)} tensors differ, e.g. {differ[0]}).\n"
+            f"  checkpoint: {_describe(stored, hparams.get('num_classes'))}\n"
+            f"  this run:   {_describe(cfg.model, module.hparams.num_classes)}\n"
+            "Resume with the model and data the checkpoint was trained with, or start without ckpt_path."
+        )
+
+
 def _monitor(trainer: L.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     return getattr(callback, "monitor", None)
@@ -78,9 +126,10 @@ def model_size(model: torch.nn.Module) -> dict[str, Any]:
     return {"num_params": count_params(model), "gmacs": gmacs}
 
 
-def summarize(module: ImageClassifier, trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any]) -> dict[str, Any]:
+def summarize(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
     """The content of `results.json`: final and best validation metrics, best checkpoint, model size."""
-    history, monitor = module.history, _monitor(trainer)
+    history = next(c.history for c in trainer.callbacks if isinstance(c, MetricsHistory))
+    monitor = _monitor(trainer)
     best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
     callback = trainer.checkpoint_callback
     return {
@@ -91,6 +140,8 @@ def summarize(module: ImageClassifier, trainer: L.Trainer, cfg: DictConfig, size
         "best_checkpoint": getattr(callback, "best_model_path", None) or None,
         "last_checkpoint": getattr(callback, "last_model_path", None) or None,
         **size,
+        # images skipped with data.skip_corrupt=true (counted in this process: data.num_workers=0 sees all)
+        "data": {"corrupt_files": sorted(getattr(datamodule, "corrupt_files", []))},
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "overrides": _overrides(),
@@ -119,9 +170,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     prepare_ddp_relaunch()
     check_devices(cfg.trainer)
+    ckpt_path = _resume_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, module, cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(MetricsHistory())  # results.json is made from it
     configure_wandb(cfg.get("logger"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -131,8 +186,16 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **{f"model/{k}": v for k, v in size.items()}})
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
-        results = summarize(module, trainer, cfg, size)
+        try:
+            # our own checkpoints hold the numpy random state, which torch's weights-only loader refuses
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except SIGTERMException:  # SIGTERM or Ctrl-C: ModelCheckpoint saved last.ckpt of this exact step
+            if trainer.is_global_zero:
+                write_results(cfg.paths.output_dir, {**summarize(trainer, cfg, size, datamodule), "status": "interrupted"})
+            log.warning("stopped at step %d; resume with: python train.py <same overrides> run_name=%s ckpt_path=auto",
+                        trainer.global_step, cfg.run_name)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        results = summarize(trainer, cfg, size, datamodule)
         if trainer.is_global_zero:
             path = write_results(cfg.paths.output_dir, results)
             log.info("results: %s", path)
@@ -194,3 +257,63 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             print(f"{key}: {value:.4f}")
         log.info("written: %s", path)
     return results
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the
+    checkpoint's hyper-parameters (`run_config`, `num_classes`, `data_info`)."""
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights} is not known: use weights=raw or weights=ema")
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: give the path of a checkpoint (.ckpt) file")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "run_config" not in hparams:
+        raise ValueError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
+    model = instantiate(OmegaConf.create(hparams["run_config"]).model, num_classes=hparams["num_classes"],
+                        _convert_="all")
+    prefix = "ema.module." if weights == "ema" else "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{ckpt_path} has no EMA weights (trained with module.ema_decay=null): use weights=raw")
+    model.load_state_dict(state)
+    return model.eval(), hparams
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for an image file or every image of a folder (`cfg.inputs`);
+    printed, and written to `<run folder>/predictions.json`."""
+    from PIL import Image
+
+    from dynamixer.data import build_transform
+
+    model, hparams = load_model(cfg.ckpt_path, cfg.weights)
+    info = hparams["data_info"]
+    transform = build_transform(info["img_size"], False, crop_pct=info["crop_pct"],
+                                interpolation=info["interpolation"], mean=info["mean"], std=info["std"])
+    inputs = Path(cfg.inputs)
+    if inputs.is_dir():
+        files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif inputs.is_file():
+        files = [inputs]
+    else:
+        raise FileNotFoundError(f"inputs={cfg.inputs} does not exist: give an image file or a folder of images")
+    if not files:
+        raise FileNotFoundError(f"inputs={cfg.inputs} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    k = min(cfg.top_k, len(info["class_names"]))
+    predictions = []
+    for start in range(0, len(files), cfg.batch_size):
+        batch = files[start : start + cfg.batch_size]
+        images = torch.stack([transform(Image.open(f).convert("RGB")) for f in batch])
+        with torch.no_grad():
+            probs, classes = model(images).softmax(dim=-1).topk(k, dim=-1)
+        for file, p, c in zip(batch, probs.tolist(), classes.tolist()):
+            top = [{"class": info["class_names"][i], "index": i, "prob": q} for i, q in zip(c, p)]
+            predictions.append({"file": str(file), "top": top})
+            print(f"{file}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top))
+    write_results(cfg.paths.output_dir, {"checkpoint": str(cfg.ckpt_path), "weights": cfg.weights,
+                                         "predictions": predictions}, name="predictions.json")
+    return predictions

@@ -1,0 +1,143 @@
+"""Runs that are killed lose nothing: SIGKILL, SIGTERM, restarts of finished runs, atomic checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 6
+# deterministic CPU kernels, 6 steps an epoch, a step logged every step
+RUN = ["trainer.deterministic=true", f"trainer.limit_train_batches={STEPS_PER_EPOCH}", "trainer.log_every_n_steps=1",
+       "scheduler.warmup_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.2)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def saved_step(path: Path) -> int:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except Exception:  # not there yet, or being replaced right now
+        return -1
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    epochs = 3
+    finish(start(tmp_path, f"trainer.max_epochs={epochs}", "run_name=straight"))
+    straight = results(tmp_path / "logs/train/runs/straight")
+
+    run_dir = tmp_path / "logs/train/runs/killed"
+    proc = start(tmp_path, f"trainer.max_epochs={epochs}", "run_name=killed")
+    wait_for(lambda: saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH, proc)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only what was on disk survives
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+
+    finish(start(tmp_path, f"trainer.max_epochs={epochs}", "run_name=killed", "ckpt_path=auto"))
+    resumed = results(run_dir)
+    assert resumed["global_step"] == straight["global_step"] == epochs * STEPS_PER_EPOCH
+    assert len({h["epoch"] for h in resumed_history(run_dir)}) == epochs  # nothing lost, nothing repeated
+    # The resumed run restores weights, optimizer, scheduler, EMA and the random states from an epoch
+    # boundary and repeats the same deterministic CPU computation, so it ends where the uninterrupted run
+    # ends; the tolerance only allows for float summation order in the metric reduction.
+    for key in ("val/acc1", "val/ema_acc1", "val/loss", "val/ema_loss"):
+        assert resumed["final"][key] == pytest.approx(straight["final"][key], abs=1e-6), key
+
+
+def resumed_history(run_dir: Path) -> list[dict]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return checkpoint["callbacks"]["MetricsHistory"]["history"]
+
+
+def test_sigterm_saves_the_exact_step_and_resumes_from_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "logs/train/runs/pre"
+    proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre")
+    # stop in the middle of the second epoch, past the epoch-end checkpoint
+    wait_for(lambda: saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH, proc)
+    wait_for(lambda: logged_steps(run_dir) and max(logged_steps(run_dir)) >= STEPS_PER_EPOCH + 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, expect=128 + signal.SIGTERM)
+    assert "ckpt_path=auto" in out
+
+    stopped = saved_step(run_dir / "checkpoints" / "last.ckpt")
+    assert STEPS_PER_EPOCH < stopped < 2 * STEPS_PER_EPOCH  # mid-epoch: the exact step, not the epoch start
+    assert results(run_dir)["status"] == "interrupted" and results(run_dir)["global_step"] == stopped
+
+    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=pre", "ckpt_path=auto"))
+    # the resumed process trained exactly the steps that were missing
+    assert logged_steps(run_dir) == list(range(stopped, 2 * STEPS_PER_EPOCH))
+    assert results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH and results(run_dir)["status"] == "finished"
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps whose training loss the current process logged (the CSV logger starts a resumed run anew)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
+
+
+def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "logs/train/runs/done"
+    finish(start(tmp_path, "trainer.max_epochs=1", "run_name=done"))
+    before = results(run_dir)
+    files = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    finish(start(tmp_path, "trainer.max_epochs=1", "run_name=done", "ckpt_path=auto"))
+    after = results(run_dir)
+    assert after["global_step"] == before["global_step"] == STEPS_PER_EPOCH
+    assert after["final"] == before["final"] and after["best_checkpoint"] == before["best_checkpoint"]
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == set(files)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    """Lightning writes checkpoints to a temporary file that replaces the old one only when complete."""
+    path = tmp_path / "last.ckpt"
+    io_plugin = TorchCheckpointIO()
+    io_plugin.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+
+    real_save = torch.save
+
+    def killed_midway(obj, f, *args, **kwargs):  # write half of the bytes, then die
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io_plugin.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    survivor = torch.load(path, weights_only=False)
+    assert survivor["global_step"] == 1 and torch.equal(survivor["w"], torch.ones(1000))
