@@ -132,13 +132,14 @@ def summarize(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamod
     monitor = _monitor(trainer)
     best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
     callback = trainer.checkpoint_callback
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     return {
         "status": "finished",
         "final": history[-1] if history else None,
         "best": best,
         "monitor": monitor,
         "best_checkpoint": getattr(callback, "best_model_path", None) or None,
-        "last_checkpoint": getattr(callback, "last_model_path", None) or None,
+        "last_checkpoint": str(last) if last.is_file() else None,
         **size,
         # images skipped with data.skip_corrupt=true (counted in this process: data.num_workers=0 sees all)
         "data": {"corrupt_files": sorted(getattr(datamodule, "corrupt_files", []))},
