@@ -251,6 +251,9 @@ class DynaMixer(nn.Module):
         segments = _per_stage("segments", segments)
         reduced_dim = _per_stage("reduced_dim", reduced_dim)
         mlp_ratio = _per_stage("mlp_ratio", mlp_ratio)
+        for name, values in (("segments", segments), ("reduced_dim", reduced_dim)):
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name}={values}: each stage needs a positive integer {name}")
         for i, (dim, s) in enumerate(zip(embed_dims, segments)):
             if dim % s:
                 raise ValueError(
