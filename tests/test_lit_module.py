@@ -1,0 +1,394 @@
+"""Tests for the LightningModule and the schedule: mixup/cutmix and losses, EMA, lr schedule, weight decay.
+
+All in-process on the CPU, on a tiny CNN (or dynamixer_tiny where the real parameter names matter).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, TensorDataset
+
+import dynamixer  # noqa: F401  (registers the models with timm)
+from dynamixer.lit_module import ImageClassifier
+from dynamixer.schedules import cosine_with_warmup
+
+from conftest import compose_train_config
+
+NUM_CLASSES = 5
+IMG = 8
+
+
+class TinyNet(nn.Module):
+    """Conv (4-D weight), BatchNorm (buffers), LayerNorm and Linear: every kind of parameter the recipe treats."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, num_classes)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        x = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.head(self.norm(x))
+
+
+class RecordingLoss(nn.Module):
+    """Wraps the module's training loss and keeps what it was called with."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = self.loss(logits, target)
+        self.calls.append((logits.detach(), target.detach(), out.detach()))
+        return out
+
+
+def adamw(lr: float = 1e-2, weight_decay: float = 0.05):
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+
+
+def make_module(**kwargs) -> ImageClassifier:
+    kwargs.setdefault("optimizer", adamw())
+    return ImageClassifier(model=kwargs.pop("model", None) or TinyNet(), num_classes=NUM_CLASSES, **kwargs)
+
+
+def loader(n_batches: int, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    n = n_batches * batch_size
+    data = TensorDataset(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
+    kwargs = {"max_epochs": 1, **kwargs}
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def smoothed_one_hot(y: torch.Tensor, smoothing: float, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((len(y), num_classes), off).scatter_(1, y[:, None], 1.0 - smoothing + off)
+
+
+def run_training_step(module: ImageClassifier, x: torch.Tensor, y: torch.Tensor):
+    """One `training_step` outside a Trainer; returns (images the model saw, targets and value of the loss)."""
+    module.train_loss_fn = RecordingLoss(module.train_loss_fn)
+    module.model.seen.clear()
+    loss = module.training_step((x.clone(), y.clone()), 0)
+    (seen,) = module.model.seen
+    ((_, target, value),) = module.train_loss_fn.calls
+    assert torch.equal(loss.detach(), value)
+    return seen, target, value
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, IMG, IMG, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])  # y and its flip differ at every position
+    return x, y
+
+
+# --- 3. mixup / cutmix and the training loss ------------------------------------------------------
+
+
+def test_loss_without_mixup_is_label_smoothing_or_plain_cross_entropy(batch):
+    x, y = batch
+    smoothed = make_module(label_smoothing=0.1)
+    assert isinstance(smoothed.train_loss_fn, LabelSmoothingCrossEntropy)
+    assert smoothed.train_loss_fn.smoothing == pytest.approx(0.1)
+    seen, target, value = run_training_step(smoothed, x, y)
+    assert torch.equal(seen, x) and torch.equal(target, y)  # no mixing: the batch goes in as it is
+    logits = smoothed.model(x)
+    logp = logits.log_softmax(-1)
+    expected = (0.9 * -logp.gather(1, y[:, None]).squeeze(1) - 0.1 * logp.mean(-1)).mean()
+    torch.testing.assert_close(value, expected.detach())
+
+    plain = make_module(label_smoothing=0.0)
+    assert type(plain.train_loss_fn) is nn.CrossEntropyLoss
+
+
+def test_mixup_only_mixes_images_with_the_flipped_batch_and_targets_with_smoothing(batch):
+    x, y = batch
+    np.random.seed(0)  # timm draws lambda with numpy
+    module = make_module(
+        label_smoothing=0.1,
+        mixup=partial(Mixup, mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.1),
+    )
+    assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
+    seen, target, value = run_training_step(module, x, y)
+
+    flipped = x.flip(0)
+    # lambda from the images (least squares), then every pixel must be lam * x + (1 - lam) * flip(x)
+    lam = float(((seen - flipped) * (x - flipped)).sum() / ((x - flipped) ** 2).sum())
+    assert 0.0 <= lam < 1.0 - 1e-4, f"images were not mixed (lam={lam})"
+    torch.testing.assert_close(seen, lam * x + (1 - lam) * flipped, atol=1e-5, rtol=1e-5)
+    expected = lam * smoothed_one_hot(y, 0.1) + (1 - lam) * smoothed_one_hot(y.flip(0), 0.1)
+    torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    logits = module.model(seen)
+    torch.testing.assert_close(value, (-expected * logits.log_softmax(-1)).sum(-1).mean().detach())
+
+
+def test_cutmix_only_pastes_a_box_of_the_flipped_batch(batch):
+    x, y = batch
+    np.random.seed(3)
+    module = make_module(
+        label_smoothing=0.1,
+        mixup=partial(Mixup, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, mode="batch", label_smoothing=0.1),
+    )
+    assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
+    seen, target, _ = run_training_step(module, x, y)
+
+    changed = (seen != x).any(dim=1)  # (B, H, W)
+    assert changed.any(), "no box was pasted"
+    # batch mode: one box, the same for every image, an axis-aligned rectangle
+    assert all(torch.equal(changed[0], m) for m in changed)
+    rows = changed[0].any(dim=1).nonzero().flatten()
+    cols = changed[0].any(dim=0).nonzero().flatten()
+    y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    box = torch.zeros(IMG, IMG, dtype=torch.bool)
+    box[y0:y1, x0:x1] = True
+    assert torch.equal(changed[0], box)
+    # inside: the flipped batch; outside: untouched
+    torch.testing.assert_close(seen[:, :, y0:y1, x0:x1], x.flip(0)[:, :, y0:y1, x0:x1], atol=0, rtol=0)
+    assert torch.equal(seen[:, :, ~box], x[:, :, ~box])
+    # targets weighted by the kept area (timm's lambda correction)
+    lam = 1.0 - box.sum().item() / (IMG * IMG)
+    expected = lam * smoothed_one_hot(y, 0.1) + (1 - lam) * smoothed_one_hot(y.flip(0), 0.1)
+    torch.testing.assert_close(target, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_mixup_with_prob_zero_leaves_the_batch_unchanged(batch):
+    x, y = batch
+    np.random.seed(0)
+    module = make_module(
+        label_smoothing=0.1,
+        mixup=partial(Mixup, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.1),
+    )
+    seen, target, _ = run_training_step(module, x, y)
+    assert torch.equal(seen, x)
+    torch.testing.assert_close(target, smoothed_one_hot(y, 0.1), atol=1e-6, rtol=1e-6)
+
+
+def test_paper_mixup_config_builds_soft_target_loss_with_smoothing():
+    cfg = compose_train_config(["module/mixup=paper"])
+    mixup = instantiate(cfg.module.mixup)(num_classes=NUM_CLASSES)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode) == (
+        0.8, 1.0, 1.0, 0.5, "batch")
+    assert mixup.label_smoothing == cfg.module.label_smoothing == 0.1
+    module = make_module(mixup=instantiate(cfg.module.mixup), label_smoothing=cfg.module.label_smoothing)
+    assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
+
+
+# --- 4. EMA ----------------------------------------------------------------------------------------
+
+
+class RecordWeights(L.Callback):
+    """Raw weights (state dict: parameters and buffers) and global step after every optimizer step."""
+
+    def __init__(self):
+        self.start: dict[str, torch.Tensor] = {}
+        self.ema_start: dict[str, torch.Tensor] = {}
+        self.steps: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+        self.ema_start = {k: v.clone() for k, v in pl_module.ema.module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((trainer.global_step, {k: v.clone() for k, v in pl_module.model.state_dict().items()}))
+
+
+@pytest.mark.parametrize("warmup", [True, False], ids=["ema_warmup", "no_warmup"])
+def test_ema_follows_its_formula_and_is_saved_in_checkpoints(tmp_path, warmup):
+    torch.manual_seed(0)
+    module = make_module(ema_decay=0.9, ema_warmup=warmup, label_smoothing=0.1)
+    assert not any(p.requires_grad for p in module.ema.parameters())
+    record = RecordWeights()
+    fit = trainer(tmp_path, [record], limit_train_batches=6, limit_val_batches=0)
+    fit.fit(module, train_dataloaders=loader(8))
+
+    assert fit.global_step == 6 and [s for s, _ in record.steps] == [1, 2, 3, 4, 5, 6]
+    for k, v in record.start.items():  # the EMA starts as a copy of the model
+        torch.testing.assert_close(record.ema_start[k], v, atol=0, rtol=0)
+
+    # replay: ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t with timm's decay for update number t
+    ema = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in record.start.items()}
+    decays = []
+    for t, (_, weights) in enumerate(record.steps, start=1):
+        d = module.ema.get_decay(t)
+        decays.append(d)
+        for k, w in weights.items():
+            ema[k] = d * ema[k] + (1 - d) * w.double() if w.is_floating_point() else w.clone()
+    assert decays[0] == 0.0  # the first update copies the weights
+    if warmup:
+        assert all(0.0 < a < b <= 0.9 for a, b in zip(decays[1:], decays[2:]))
+    else:
+        assert decays[1:] == [0.9] * 5
+    final = module.ema.module.state_dict()
+    assert final.keys() == ema.keys()
+    for k, v in final.items():
+        torch.testing.assert_close(v.double() if v.is_floating_point() else v, ema[k], atol=1e-6, rtol=1e-5)
+
+    raw = module.model.state_dict()
+    diff = max((final[k] - raw[k]).abs().max().item() for k in raw if raw[k].is_floating_point())
+    assert diff > 1e-4, "EMA weights equal the raw weights"
+
+    # the checkpoint holds the EMA weights, and they come back on loading
+    path = tmp_path / "ema.ckpt"
+    fit.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in final.items():
+        torch.testing.assert_close(state[f"ema.module.{k}"], v, atol=0, rtol=0)
+    fresh = make_module(ema_decay=0.9, ema_warmup=warmup)
+    fresh.load_state_dict(state)
+    for k, v in fresh.ema.module.state_dict().items():
+        torch.testing.assert_close(v, final[k], atol=0, rtol=0)
+
+
+def test_no_ema_when_decay_is_none():
+    module = make_module(ema_decay=None)
+    assert module.ema is None
+    assert not any(k.startswith("ema.") for k in module.state_dict())
+
+
+# --- 5. learning-rate schedule ---------------------------------------------------------------------
+
+
+def schedule_lrs(base_lr: float, total_steps: int, **kwargs) -> list[float]:
+    """The lr the schedule gives at every step 0..total_steps-1 (step t: after t optimizer updates)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    sched = cosine_with_warmup(opt, **kwargs)
+    lrs = [opt.param_groups[0]["lr"]]  # before any update
+    for t in range(1, total_steps):
+        sched.step_update(num_updates=t)
+        lrs.append(opt.param_groups[0]["lr"])
+    sched.step_update(num_updates=0)
+    assert opt.param_groups[0]["lr"] == lrs[0]
+    return lrs
+
+
+def test_cosine_with_warmup_follows_the_papers_curve():
+    # the paper's shape (SPEC §4): 20 warm-up epochs from 1e-6, cosine to 1e-5 at epoch 300, 10 cool-down epochs
+    base, warmup_lr, min_lr, spe = 2e-3, 1e-6, 1e-5, 5
+    lrs = schedule_lrs(base, 310 * spe, steps_per_epoch=spe, max_epochs=310, warmup_epochs=20,
+                       cooldown_epochs=10, warmup_lr=warmup_lr, min_lr=min_lr)
+    warm, cos_end = 20 * spe, 300 * spe
+    assert lrs[0] == pytest.approx(warmup_lr, rel=1e-12)
+    # linear warm-up from warmup_lr that reaches the base lr at its end
+    for t in range(warm):
+        assert lrs[t] == pytest.approx(warmup_lr + t / warm * (base - warmup_lr), rel=1e-9)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm]))
+    assert lrs[warm - 1] == pytest.approx(base, rel=0.02) and lrs[warm] == pytest.approx(base, rel=0.02)
+    assert max(lrs) <= base
+    # the cosine (which the warm-up overlays) from base at step 0 to min_lr at the end of epoch 300
+    for t in (warm, 150 * spe, 250 * spe, cos_end - 1):
+        expected = min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / cos_end))
+        assert lrs[t] == pytest.approx(expected, rel=1e-9)
+    assert lrs[cos_end // 2] == pytest.approx((base + min_lr) / 2, rel=1e-6)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    # end of the cosine and the whole cool-down: min_lr
+    assert all(lr == pytest.approx(min_lr, rel=1e-12) for lr in lrs[cos_end:])
+
+
+def test_cosine_with_warmup_rejects_a_cooldown_that_leaves_no_cosine():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="cooldown_epochs"):
+        cosine_with_warmup(opt, steps_per_epoch=10, max_epochs=5, cooldown_epochs=5)
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs: list[list[float]] = []
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_module_steps_the_schedule_after_every_optimizer_step(tmp_path):
+    base, warmup_lr, min_lr = 1e-2, 1e-6, 1e-5
+    spe, epochs = 8, 5  # 1 warm-up epoch, cosine over 4 epochs, 1 cool-down epoch
+    kwargs = dict(warmup_epochs=1, cooldown_epochs=1, warmup_lr=warmup_lr, min_lr=min_lr)
+    module = make_module(optimizer=adamw(lr=base), scheduler=partial(cosine_with_warmup, **kwargs), ema_decay=None)
+    record = RecordLR()
+    # 10 batches in the loader, 8 used per epoch: steps per epoch come from the limited count
+    trainer(tmp_path, [record], max_epochs=epochs, limit_train_batches=spe, limit_val_batches=0).fit(
+        module, train_dataloaders=loader(10))
+
+    total = spe * epochs
+    assert record.steps == list(range(total))
+    assert all(len(set(g)) == 1 and len(g) == 2 for g in record.lrs)  # decay and no-decay groups move together
+    lrs = [g[0] for g in record.lrs]
+    expected = schedule_lrs(base, total, steps_per_epoch=spe, max_epochs=epochs, **kwargs)
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    cos_end = spe * (epochs - 1)
+    assert lrs[0] == pytest.approx(warmup_lr)
+    assert lrs[spe - 1] == pytest.approx(warmup_lr + (spe - 1) / spe * (base - warmup_lr))
+    assert lrs[cos_end // 2] == pytest.approx((base + min_lr) / 2, rel=1e-6)
+    assert lrs[cos_end:] == pytest.approx([min_lr] * spe, rel=1e-12)
+
+
+# --- 6. weight decay -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_no_weight_decay_on_1d_parameters(optimizer):
+    cfg = compose_train_config([f"optimizer={optimizer}"])
+    factory = instantiate(cfg.optimizer)
+    model = timm.create_model("dynamixer_tiny", num_classes=10, img_size=32)
+    module = ImageClassifier(model=model, num_classes=10, optimizer=factory, ema_decay=0.999)
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)
+
+    group_of = {}
+    for i, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            assert id(p) not in group_of, "a parameter is in two groups"
+            group_of[id(p)] = i
+    named = dict(model.named_parameters())
+    # every trainable parameter of the model, and nothing else (no EMA copies)
+    assert set(group_of) == {id(p) for p in named.values()}
+    assert not {id(p) for p in module.ema.parameters()} & set(group_of)
+
+    wd = cfg.optimizer.weight_decay
+    assert wd > 0
+    no_decay, decay = [], []
+    for name, p in named.items():
+        got = opt.param_groups[group_of[id(p)]]["weight_decay"]
+        (no_decay if got == 0 else decay).append(name)
+        if p.ndim <= 1:
+            assert got == 0.0, f"{name} {tuple(p.shape)} is decayed"
+        else:
+            assert got == wd, f"{name} {tuple(p.shape)} has weight_decay={got}, expected {wd}"
+    assert any(n.endswith(".bias") for n in no_decay) and any("norm" in n for n in no_decay)
+    assert "head.weight" in decay and "stem.weight" in decay
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
