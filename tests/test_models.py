@@ -459,3 +459,48 @@ def test_per_stage_list_of_wrong_length():
         tiny(segments=[4, 8])
     msg = str(info.value)
     assert "segments" in msg and "[4, 8]" in msg and "4 stages" in msg
+
+
+# ------------------------------------------------------------------- fast path: options and precision
+def test_grad_checkpointing_option_gives_the_same_gradients():
+    model, _ = _oracle_pair("tiny")
+    checkpointed = tiny(grad_checkpointing=True)
+    checkpointed.load_state_dict(model.state_dict())
+    assert checkpointed.grad_checkpointing and not model.grad_checkpointing
+    model.train(), checkpointed.train()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for m in (model, checkpointed):
+        m(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g) < 1e-6, name
+
+
+def test_bf16_autocast_stays_close_to_fp32_and_keeps_normalised_matrices():
+    model, ref = _oracle_pair("tiny")
+    model.eval(), ref.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        exact = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+            block = model.stages[0].blocks[0].token_mixer
+            tokens = torch.randn(2, 8, 8, 64)
+            p = block.mix_w.mixing_matrices(tokens)
+    assert low.dtype == torch.bfloat16  # the head is a Linear
+    assert rel_err(low.float(), exact) < 5e-2
+    assert torch.allclose(p.float().sum(dim=-2), torch.ones(()), atol=2e-2)
+
+
+def test_block_branches_match_reference_block():
+    torch.manual_seed(0)
+    block = randomize_(DynaMixerBlock(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
+    x = torch.randn(2, 4, 6, 16)
+    h, w, c = block.branches(x)
+    # the column op is the row op applied to the transposed grid
+    assert rel_err(h, block.mix_h(x.transpose(1, 2)).transpose(1, 2)) < 1e-6
+    assert rel_err(w, block.mix_w(x)) < 1e-6
+    a = block.branch_weights(h, w, c)[:, None, None]
+    expected = block.proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
+    assert rel_err(block(x), expected) < 1e-6

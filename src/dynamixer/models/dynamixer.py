@@ -47,20 +47,25 @@ class DynaMixerOp(nn.Module):
         Entry `[..., s, i, j]` is the weight output token `j` gives to source token `i` in segment
         `s`; each column sums to 1 (softmax over `i`).
         """
-        B, L, N, _ = x.shape
-        S, d = self.segments, self.reduced_dim
+        return self.generated(self.compress(x))
+
+    def generated(self, z: torch.Tensor) -> torch.Tensor:
+        """Mixing matrices from the compressed tokens `z = compress(x)`, `(B, L, N, S*d)`."""
+        B, L, N, _ = z.shape
         # token-major flattening per segment: token 0's d values, then token 1's, ...
-        z = self.compress(x).reshape(B, L, N, S, d).transpose(2, 3).reshape(B, L, S, N * d)
-        logits = self.generate(z).view(B, L, S, N, N)
+        z = z.unflatten(-1, (self.segments, self.reduced_dim)).transpose(2, 3).reshape(B, L, self.segments, -1)
+        logits = self.generate(z).unflatten(-1, (N, N))
         # softmax in fp32 so bf16/fp16 training keeps normalised weights
-        return logits.softmax(dim=-2, dtype=torch.float32).to(x.dtype)
+        return logits.softmax(dim=-2, dtype=torch.float32).to(z.dtype)
+
+    def mix(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`Y_s[j] = sum_i P_s[i, j] X_s[i]` for matrices `p` `(B, L, S, N, N)` and tokens `x`
+        `(B, L, N, C)` (any strides): `(B, L, N, S, C/S)`, a view of one batched matmul's result."""
+        xs = x.unflatten(-1, (self.segments, -1)).transpose(2, 3)  # (B, L, S, N, C/S)
+        return (p.mT @ xs).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.mixing_matrices(x)
-        # channels split into S contiguous groups; group s is mixed by P_s
-        xs = x.unflatten(-1, (self.segments, -1))  # (B, L, N, S, C/S)
-        y = torch.einsum("blsij,blisc->bljsc", p, xs)
-        return self.out(y.flatten(-2))
+        return self.out(self.mix(self.mixing_matrices(x), x).flatten(-2))
 
     def extra_repr(self) -> str:
         return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}"
@@ -68,7 +73,10 @@ class DynaMixerOp(nn.Module):
 
 class DynaMixerBlock(nn.Module):
     """Token mixing of a `(B, H, W, C)` grid: a DynaMixer op along H, one along W, a channel Linear,
-    fused by the re-weighting of Vision Permutator (or summed), then projected. Shape preserved."""
+    fused by the re-weighting of Vision Permutator (or summed), then projected. Shape preserved.
+
+    Under autocast the input is cast once to the autocast dtype, instead of once per consumer.
+    """
 
     def __init__(
         self,
@@ -93,13 +101,20 @@ class DynaMixerBlock(nn.Module):
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three branch outputs `h, w, c`, each `(B, H, W, C)`."""
-        h = self.mix_h(x.transpose(1, 2)).transpose(1, 2)
-        return h, self.mix_w(x), self.mlp_c(x)
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # the column op sees (B, W, H, C) views: no copy of x, only of the small compressed tokens
+        p_h = self.mix_h.generated(self.mix_h.compress(x).transpose(1, 2))
+        y_h = self.mix_h.mix(p_h, x.transpose(1, 2)).transpose(1, 2)  # (B, H, W, S, C/S)
+        h = self.mix_h.out(y_h.flatten(-2))
+        w = self.mix_w(x)
+        return h, w, self.mlp_c(x)
 
     def branch_weights(self, h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Re-weighting of the branches: `(B, C, 3)`, softmax over the last axis."""
         B, C = h.shape[0], h.shape[-1]
-        a = (h + w + c).mean(dim=(1, 2))
+        # mean(h + w + c) as a sum of means: three reads instead of two sums and a read
+        a = h.mean(dim=(1, 2)) + w.mean(dim=(1, 2)) + c.mean(dim=(1, 2))
         return self.reweight(a).view(B, C, 3).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +123,7 @@ class DynaMixerBlock(nn.Module):
             y = h + w + c
         else:
             a = self.branch_weights(h, w, c)[:, None, None]  # (B, 1, 1, C, 3)
-            y = h * a[..., 0] + w * a[..., 1] + c * a[..., 2]
+            y = torch.addcmul(torch.addcmul(h * a[..., 0], w, a[..., 1]), c, a[..., 2])
         return self.proj_drop(self.proj(y))
 
     @torch.no_grad()
@@ -222,6 +237,8 @@ class DynaMixer(nn.Module):
 
     Images `(B, in_chans, H, W)` with `(H, W) == img_size` in; logits `(B, num_classes)` out.
     `segments`, `reduced_dim` and `mlp_ratio` take one value for all stages or a per-stage list.
+    `grad_checkpointing` recomputes each stage's activations in the backward pass instead of keeping
+    them (less training memory for about one more forward pass of time; `set_grad_checkpointing`).
     """
 
     def __init__(
@@ -243,6 +260,7 @@ class DynaMixer(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         layers = _per_stage("layers", layers)
@@ -266,7 +284,7 @@ class DynaMixer(nn.Module):
         self.resolutions = stage_resolutions(self.img_size, patch_size, transitions)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
+        self.grad_checkpointing = bool(grad_checkpointing)
 
         self.stem = nn.Conv2d(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size)
         # stochastic depth grows linearly with the global layer index
