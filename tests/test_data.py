@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import AugmentOp, RandAugment
 
 from dynamixer.data import DataError, DigitsDataModule, ImageFolderDataModule, build_transform
 
@@ -190,3 +190,11 @@ def test_train_split_smaller_than_batch(tree):
     dm = ImageFolderDataModule(str(tree), batch_size=64, num_workers=0, img_size=32)
     with pytest.raises(DataError, match="batch_size"):
         dm.train_dataloader()
+
+
+def test_paper_randaugment_policy_survives_its_strongest_posterize():
+    """rand-m9-mstd0.5-inc1 draws magnitudes up to 10, where increasing posterize keeps 0 bits; Pillow 13
+    rejects that (ValueError), so the project pins Pillow < 13."""
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
+    out = op(Image.new("RGB", (40, 36), (120, 30, 200)))
+    assert out.size == (40, 36) and out.getpixel((0, 0)) == (0, 0, 0)  # 0 bits kept: black
