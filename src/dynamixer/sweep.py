@@ -32,7 +32,8 @@ def _parse(value: str) -> Any:
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job folder of `sweep_dir`: `job`, `overrides` (dict), `status` and the results."""
     rows = []
-    for overrides_file in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml")):
+    # rglob: an override value holding a "/" nests the job folder one level deeper
+    for overrides_file in sorted(Path(sweep_dir).rglob(".hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
         overrides = {}
         for item in yaml.safe_load(overrides_file.read_text()) or []:
@@ -73,10 +74,8 @@ def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str
 
 def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> Path:
     """`metric` against the swept value (one line per combination of the other swept keys)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure, not pyplot: no GUI backend needed, and a notebook's backend stays as it is
+    from matplotlib.figure import Figure
 
     x_key = keys[0] if keys else "job"
     series: dict[str, list[tuple[Any, float]]] = {}
@@ -87,7 +86,8 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -
         x = r["overrides"].get(x_key, r["job"])
         label = ", ".join(f"{k}={r['overrides'].get(k)}" for k in keys[1:]) or metric
         series.setdefault(label, []).append((x, y))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     numeric = all(isinstance(x, (int, float)) for s in series.values() for x, _ in s)
     for label, points in series.items():
         points = sorted(points, key=lambda p: p[0]) if numeric else points
@@ -104,7 +104,6 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
