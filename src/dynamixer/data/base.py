@@ -29,6 +29,7 @@ class ClassificationDataModule(LightningDataModule, ABC):
     ``DistributedSampler`` itself under DDP.
     """
 
+    defaults: Mapping[str, Any] = {}  # subclasses: constructor defaults of their own (batch size, mean, ...)
     default_train_aug: Mapping[str, Any] = {}
 
     def __init__(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,35 +41,17 @@ class DigitsDataModule(ClassificationDataModule):
     ``default_train_aug``).
     """
 
+    # constructor defaults of ClassificationDataModule that differ for digits
+    defaults = {"batch_size": 64, "num_workers": 0, "img_size": 32, "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3}
     default_train_aug = {"scale": (0.6, 1.0), "hflip": 0.0, "auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0}
 
     def __init__(
         self,
         val_fraction: float = 0.2,
         split_seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        img_size: int = 32,
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-        train_aug: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            img_size=img_size,
-            crop_pct=crop_pct,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            train_aug=train_aug,
-        )
+        super().__init__(**{**self.defaults, **kwargs})
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = float(val_fraction)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -114,33 +113,15 @@ class ImageFolderDataModule(ClassificationDataModule):
     sorted class-folder names. See ``CheckedImageFolder`` for ``skip_corrupt``.
     """
 
+    defaults = {"num_workers": 8}  # ImageNet decoding needs workers; the rest are the base defaults
+
     def __init__(
         self,
         data_dir: str,
         skip_corrupt: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        img_size: int = 224,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        train_aug: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            img_size=img_size,
-            crop_pct=crop_pct,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            train_aug=train_aug,
-        )
+        super().__init__(**{**self.defaults, **kwargs})
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.skip_corrupt = bool(skip_corrupt)
         if not self.data_dir.is_dir():
