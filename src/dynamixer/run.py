@@ -207,19 +207,34 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def load_run_config(ckpt_path: str, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of the run that wrote `ckpt_path`, with `data` overrides of this command on top.
+def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """A training checkpoint written by train.py (it holds the run's config in its hyper-parameters)."""
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: give the path of a checkpoint (.ckpt) file")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if "run_config" not in checkpoint.get("hyper_parameters", {}):
+        raise ValueError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
+    return checkpoint
+
+
+def backbone_state(checkpoint: dict[str, Any], weights: str, ckpt_path: str) -> dict[str, torch.Tensor]:
+    """The backbone's state dict in a training checkpoint: its raw (`model.`) or EMA (`ema.module.`) weights."""
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights} is not known: use weights=raw or weights=ema")
+    prefix = "ema.module." if weights == "ema" else "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{ckpt_path} has no EMA weights (trained with module.ema_decay=null): use weights=raw")
+    return state
+
+
+def load_run_config(checkpoint: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config of the run that wrote `checkpoint`, with `data` overrides of this command on top.
 
     The model is always the checkpoint's own; data can be pointed elsewhere (`data.data_dir=...`,
     `data.batch_size=...`, or a whole `data=...` choice).
     """
-    if not ckpt_path or not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: give the path of a checkpoint (.ckpt) file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    stored = checkpoint.get("hyper_parameters", {}).get("run_config")
-    if stored is None:
-        raise ValueError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
-    run_cfg = OmegaConf.create(stored)
+    run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["run_config"])
     with open_dict(run_cfg):
         for override in overrides:
             key = override.lstrip("+~").split("=", 1)[0]
@@ -232,16 +247,10 @@ def load_run_config(ckpt_path: str, cfg: DictConfig, overrides: list[str]) -> Di
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate the checkpoint `cfg.ckpt_path` on the val split with `cfg.weights` (raw or ema);
     print top-1/top-5 and write them to `<run folder>/eval.json`."""
-    if cfg.weights not in ("raw", "ema"):
-        raise ValueError(f"weights={cfg.weights} is not known: use weights=raw or weights=ema")
-    run_cfg = load_run_config(cfg.ckpt_path, cfg, _overrides())
-    datamodule, module = build(run_cfg)
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(checkpoint["state_dict"])
-    if cfg.weights == "ema":
-        if module.ema is None:
-            raise ValueError(f"{cfg.ckpt_path} has no EMA weights (trained with module.ema_decay=null): use weights=raw")
-        module.model.load_state_dict(module.ema.module.state_dict())
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    state = backbone_state(checkpoint, cfg.weights, cfg.ckpt_path)
+    datamodule, module = build(load_run_config(checkpoint, cfg, _overrides()))
+    module.model.load_state_dict(state)
     module.ema = None  # evaluate one set of weights
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -266,20 +275,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the
     checkpoint's hyper-parameters (`run_config`, `num_classes`, `data_info`)."""
-    if weights not in ("raw", "ema"):
-        raise ValueError(f"weights={weights} is not known: use weights=raw or weights=ema")
-    if not ckpt_path or not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: give the path of a checkpoint (.ckpt) file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "run_config" not in hparams:
-        raise ValueError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
+    checkpoint = load_checkpoint(ckpt_path)
+    state = backbone_state(checkpoint, weights, ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
     model = instantiate(OmegaConf.create(hparams["run_config"]).model, num_classes=hparams["num_classes"],
                         _convert_="all")
-    prefix = "ema.module." if weights == "ema" else "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{ckpt_path} has no EMA weights (trained with module.ema_decay=null): use weights=raw")
     model.load_state_dict(state)
     return model.eval(), hparams
 
