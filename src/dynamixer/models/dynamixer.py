@@ -55,8 +55,10 @@ class DynaMixerOp(nn.Module):
         # token-major flattening per segment: token 0's d values, then token 1's, ...
         z = z.unflatten(-1, (self.segments, self.reduced_dim)).transpose(2, 3).reshape(B, L, self.segments, -1)
         logits = self.generate(z).unflatten(-1, (N, N))
-        # softmax in fp32 so bf16/fp16 training keeps normalised weights
-        return logits.softmax(dim=-2, dtype=torch.float32).to(z.dtype)
+        # softmax in the logits' dtype: the bf16/fp16 kernels accumulate in fp32 and round once, so
+        # the weights equal an fp32 softmax rounded for the mix, without an fp32 copy kept for backward
+        # (CUDA autocast still runs softmax in fp32; `.to` rounds that for the mix)
+        return logits.softmax(dim=-2).to(z.dtype)
 
     def mix(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`Y_s[j] = sum_i P_s[i, j] X_s[i]` for matrices `p` `(B, L, S, N, N)` and tokens `x`
