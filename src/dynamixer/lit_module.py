@@ -29,6 +29,8 @@ class ImageClassifier(L.LightningModule):
     `optimizer`, `scheduler` and `mixup` are factories (Hydra `_partial_` objects): the optimizer
     takes the parameter groups, the scheduler takes the optimizer, `steps_per_epoch` and `max_epochs`
     (see `dynamixer.schedules`) and is stepped after every optimizer step, `mixup` takes `num_classes`.
+    `compile=True` runs the model through `torch.compile(fullgraph=True)` (the EMA copy stays eager);
+    the parameter names, and so the checkpoints, are those of the eager model.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ImageClassifier(L.LightningModule):
         ema_warmup: bool = False,
         run_config: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         # the run's resolved config and the data's class names and eval transform travel in every
@@ -77,6 +80,12 @@ class ImageClassifier(L.LightningModule):
             self.val_ema_loss = MeanMetric()
         self._epoch_start, self._epoch_images = 0.0, 0
 
+    def configure_model(self) -> None:
+        # in place (`nn.Module.compile`), unlike `torch.compile(model)`, which would prefix every key
+        # with `_orig_mod.`; Lightning calls this hook before wrapping the module for DDP
+        if self.hparams.compile and self.model._compiled_call_impl is None:
+            self.model.compile(fullgraph=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -85,7 +94,8 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         if self.mixup_fn is not None:
             x, y = self.mixup_fn(x, y)
-        loss = self.train_loss_fn(self.model(x), y)
+        # the loss in fp32: CPU autocast leaves log-softmax in bf16, whose 8-bit mantissa rounds the loss
+        loss = self.train_loss_fn(self.model(x).float(), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         self._epoch_images += x.shape[0]
         return loss
@@ -109,11 +119,11 @@ class ImageClassifier(L.LightningModule):
     # --- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(x).float()
         self.val_loss.update(F.cross_entropy(logits, y), weight=x.shape[0])
         self.val_acc.update(logits, y)
         if self.ema is not None:
-            ema_logits = self.ema.module(x)
+            ema_logits = self.ema.module(x).float()
             self.val_ema_loss.update(F.cross_entropy(ema_logits, y), weight=x.shape[0])
             self.val_ema_acc.update(ema_logits, y)
 
