@@ -166,6 +166,51 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
     return 2 * n**3 / best / 1e9
 
 
+class GemmRecorder(TorchDispatchMode):
+    """Records every matrix product (`mm`, `addmm`, `bmm`, `baddbmm`) run under it: op, operand
+    shapes and dtype, after autocast's casts."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            key = (func, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), args[-1].dtype)
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_ceiling(fn: callable, device: torch.device, repeats: int = 3) -> dict:
+    """The matrix products of one call of `fn`, replayed alone on fresh contiguous operands of the
+    same shapes and dtype: their FLOPs, their seconds (median of `repeats` per shape, times its
+    count) and so the GFLOP/s the step could reach if everything else took no time."""
+    recorder = GemmRecorder()
+    with recorder:
+        fn()
+    flops = seconds = 0.0
+    for (func, shapes, dtype), count in recorder.calls.items():
+        operands = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+        m, k = shapes[-2][-2:]
+        n = shapes[-1][-1]
+        batch = shapes[-1][0] if len(shapes[-1]) == 3 else 1
+        func(*operands)
+        ts = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            func(*operands)
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        flops += 2 * batch * m * k * n * count
+        seconds += statistics.median(ts) * count
+    return {"gemm_gflop": flops / 1e9, "gemm_seconds": seconds, "gemm_gflop_s": flops / seconds / 1e9,
+            "gemm_calls": sum(recorder.calls.values())}
+
+
 # -------------------------------------------------------------------------------------- running
 def build(name: str, img_size: int, num_classes: int, device: torch.device, grad_checkpointing: bool):
     torch.manual_seed(0)
@@ -191,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference implementation")
     ap.add_argument("--grad-checkpointing", action="store_true", help="our model with per-stage checkpointing")
+    ap.add_argument("--no-gemm", action="store_true", help="skip replaying the step's matrix products alone")
     ap.add_argument("--matmul-size", type=int, default=None, help="square matmul for the peak (cpu 2048, cuda 8192)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -253,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the CPU tracker is a dispatch mode, which torch.compile cannot trace: eager models only there
         measurable = mode == "train" and (device.type == "cuda" or impl != "our+compile")
         mem = peak_memory(fns[key], device) if measurable else None
+        # what limits the step: its own matrix products alone (eager models; a dispatch mode again)
+        gemm = gemm_ceiling(fns[key], device) if impl != "our+compile" and not args.no_gemm else None
         med = statistics.median(ts)
         flop = flops[("reference" if impl == "reference" else "our", mode)]
         gflops = flop / med / 1e9
@@ -261,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
             "images_per_s": args.batch_size / med, "images_per_s_range": [args.batch_size / max(ts), args.batch_size / min(ts)],
             "peak_memory_mb": None if mem is None else mem / 2**20,
             "gflop_per_step": flop / 1e9, "achieved_gflop_s": gflops, "peak_fraction": gflops / peaks[precision],
+            "gemm": None if gemm is None else {
+                **gemm, "peak_fraction": gemm["gemm_gflop_s"] / peaks[precision], "share_of_step": gemm["gemm_seconds"] / med,
+            },
         })
     ref_fp32 = {r["mode"]: r["images_per_s"] for r in results if r["impl"] == "reference" and r["precision"] == "fp32"}
     same = {(r["mode"], r["precision"]): r["images_per_s"] for r in results if r["impl"] == "reference"}
@@ -313,6 +364,16 @@ def print_table(report: dict) -> None:
               f"{fmt(r['peak_memory_mb'], '8.0f')} {r['achieved_gflop_s']:8.1f} {r['peak_fraction']:7.1%} "
               f"{fmt(r['vs_reference_same_precision'], '6.2f')} {fmt(r['vs_reference_fp32'], '6.2f')} "
               f"{fmt(r['vs_our_eager'], '6.2f')}")
+    gemms = [r for r in report["results"] if r.get("gemm")]
+    if gemms:
+        print("\nmatrix products of each step replayed alone (same shapes and dtypes, fresh operands):")
+        head = f"{'impl':<12} {'mode':<8} {'precision':<10} {'calls':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>7} {'of step':>7}"
+        print(head)
+        print("-" * len(head))
+        for r in gemms:
+            g = r["gemm"]
+            print(f"{r['impl']:<12} {r['mode']:<8} {r['precision']:<10} {g['gemm_calls']:6d} {g['gemm_gflop']:7.1f} "
+                  f"{g['gemm_gflop_s']:8.1f} {g['peak_fraction']:7.1%} {g['share_of_step']:7.1%}")
 
 
 if __name__ == "__main__":
