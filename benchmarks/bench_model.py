@@ -7,12 +7,15 @@ machine slows all of them alike:
 - `forward`: `model(x)` under `torch.no_grad()` in eval mode;
 - `train`: forward, cross-entropy, backward (train mode; gradients zeroed by setting them to None);
 
-for our model (`dynamixer.models.DynaMixer`), our model under `torch.compile(fullgraph=True)` when
-asked, and the reference (`dynamixer.models.reference`, SPEC §1-3 transcribed literally, same
-weights). It reports images/s (median over the timed repeats, and min-max), the peak memory of one
-training step, GMACs per image (`torch.utils.flop_counter`), the achieved GFLOP/s, the ratio to a
-square-matmul peak measured in the same run on the same device and dtype, and our/reference ratios.
-It prints a table and writes every number to a JSON file.
+for our model (`dynamixer.models.DynaMixer`), our model under `torch.compile(fullgraph=True)` and
+with per-stage activation checkpointing when asked, and the reference (`dynamixer.models.reference`,
+SPEC §1-3 transcribed literally, same weights). It reports images/s (median over the timed repeats,
+and min-max), the peak memory of one training step, GMACs per image (`torch.utils.flop_counter`),
+the achieved GFLOP/s, the ratio to a square-matmul peak measured in the same run on the same device
+and dtype, and our/reference ratios. To show what limits a step, it replays the step's matrix
+products alone (same shapes and dtypes): their GFLOP/s is the ceiling the step would reach if all
+its other work took no time, and their share of the step is what fusing that other work can win.
+It prints tables and writes every number to a JSON file.
 
     python benchmarks/bench_model.py --model s --batch-size 8 --img-size 224 \
         --precision fp32 bf16-mixed --compile off --json benchmarks/results/s_b8_cpu.json
@@ -67,7 +70,7 @@ def forward_fn(model: nn.Module, x: torch.Tensor, precision: str):
 def train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str):
     def run():
         with autocast(x.device, precision):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x).float(), y)  # in fp32, as the training module does
         loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -212,11 +215,10 @@ def gemm_ceiling(fn: callable, device: torch.device, repeats: int = 3) -> dict:
 
 
 # -------------------------------------------------------------------------------------- running
-def build(name: str, img_size: int, num_classes: int, device: torch.device, grad_checkpointing: bool):
+def build(name: str, img_size: int, num_classes: int, device: torch.device):
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=img_size, num_classes=num_classes).to(device)
     ref = reference_from(model)
-    model.set_grad_checkpointing(grad_checkpointing)
     return model, ref
 
 
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference implementation")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="our model with per-stage checkpointing")
+    ap.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                    help="'on' also times the training step of our model with per-stage activation checkpointing")
     ap.add_argument("--no-gemm", action="store_true", help="skip replaying the step's matrix products alone")
     ap.add_argument("--matmul-size", type=int, default=None, help="square matmul for the peak (cpu 2048, cuda 8192)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     name = VARIANTS[args.model]
     img_size = args.img_size or timm.create_model(name, pretrained=False).img_size[0]
-    model, ref = build(name, img_size, args.num_classes, device, args.grad_checkpointing)
+    model, ref = build(name, img_size, args.num_classes, device)
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         impls["our+compile"] = torch.compile(model, fullgraph=True)
         compile_seconds = time.perf_counter()  # finished after the warm-up below
+    if "on" in args.grad_checkpointing:
+        impls["our+ckpt"] = copy.deepcopy(model)
+        impls["our+ckpt"].set_grad_checkpointing(True)
     if not args.no_reference:
         impls["reference"] = ref
     if "off" not in args.compile:
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in args.modes:
         for precision in args.precision:
             for impl, m in impls.items():
+                if impl == "our+ckpt" and mode == "forward":
+                    continue  # checkpointing only changes what training keeps for backward
                 m.train(mode == "train")
                 fn = forward_fn(m, x, precision) if mode == "forward" else train_fn(m, x, y, precision)
                 fns[(impl, mode, precision)] = fn
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         measurable = mode == "train" and (device.type == "cuda" or impl != "our+compile")
         mem = peak_memory(fns[key], device) if measurable else None
         # what limits the step: its own matrix products alone (eager models; a dispatch mode again)
-        gemm = gemm_ceiling(fns[key], device) if impl != "our+compile" and not args.no_gemm else None
+        gemm = gemm_ceiling(fns[key], device) if impl in ("our", "reference") and not args.no_gemm else None
         med = statistics.median(ts)
         flop = flops[("reference" if impl == "reference" else "our", mode)]
         gflops = flop / med / 1e9

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from conftest import write_image_tree
+from conftest import compose_train_config, write_image_tree
 from dynamixer.data import ImageFolderDataModule
 from dynamixer.utils.launch import HardwareError, check_devices
 
@@ -158,3 +158,15 @@ def test_paper_mixup_instantiates_as_configured() -> None:
         0.8, 1.0, 1.0, 0.5, "batch"
     )
     assert mixup.label_smoothing == cfg.module.label_smoothing
+
+
+def test_precision_and_compile_options_reach_the_trainer_and_module(tmp_path: Path) -> None:
+    from dynamixer.run import build
+
+    cfg = compose_train_config(["trainer.precision=bf16-mixed", "module.compile=true"], output_dir=tmp_path)
+    _, module = build(cfg)
+    assert module.hparams.compile is True and module.model._compiled_call_impl is None  # compiled in configure_model
+    trainer = instantiate(cfg.trainer, logger=False, accelerator="cpu")
+    assert type(trainer.precision_plugin).__name__ == "MixedPrecision" and trainer.precision == "bf16-mixed"
+    module.configure_model()
+    assert module.model._compiled_call_impl is not None
