@@ -11,7 +11,6 @@ augmentation (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) and its eva
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dynamixer.data import ImageFolderDataModule
+from reporting import write_report
 
 PAPER_TRAIN_AUG = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel"}
 
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         lo, hi = r["images_per_s_range"]
         print(f"{r['split']:<6} {r['workers']:>7} {r['images_per_s']:8.1f} {f'({lo:.1f}-{hi:.1f})':>17} "
               f"{r['images_per_s_per_worker']:13.1f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return report
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -43,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.models.reference import reference_from
+from reporting import write_report
 
 VARIANTS = {"tiny": "dynamixer_tiny", "s": "dynamixer_s", "m": "dynamixer_m", "l": "dynamixer_l"}
 
@@ -342,10 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return report
 
 

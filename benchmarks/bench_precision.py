@@ -13,7 +13,6 @@ dtype the model's logits had (bf16 proves autocast ran).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from dynamixer.run import build
+from reporting import write_report
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{i:4d} {f:9.5f} {b:9.5f} {g:7.2%}")
     print(f"max gap {report['max_relative_gap']:.2%}; gap of the mean loss {report['mean_loss_relative_gap']:.2%}; "
           f"logits {report['logits_dtype']}; median step s {report['median_step_s']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return report
 
 

