@@ -419,3 +419,11 @@ def test_compile_trains_the_compiled_model_like_eager_and_keeps_eager_checkpoint
     fit.save_checkpoint(path)
     keys = torch.load(path, map_location="cpu", weights_only=False)["state_dict"].keys()
     assert keys == eager.state_dict().keys()  # no `_orig_mod.` prefixes: eager code loads it
+
+
+def test_compile_is_for_fitting_only_evaluation_stays_eager(tmp_path):
+    backbone = timm.create_model("dynamixer_tiny", img_size=16, layers=[1, 1, 1, 1], num_classes=NUM_CLASSES)
+    module = make_module(model=backbone, compile=True)
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, NUM_CLASSES, (8,)))
+    metrics = trainer(tmp_path).validate(module, DataLoader(data, batch_size=8), verbose=False)
+    assert module.model._compiled_call_impl is None and 0 <= metrics[0]["val/acc1"] <= 1

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ class ImageClassifier(L.LightningModule):
     `optimizer`, `scheduler` and `mixup` are factories (Hydra `_partial_` objects): the optimizer
     takes the parameter groups, the scheduler takes the optimizer, `steps_per_epoch` and `max_epochs`
     (see `dynamixer.schedules`) and is stepped after every optimizer step, `mixup` takes `num_classes`.
-    `compile=True` runs the model through `torch.compile(fullgraph=True)` (the EMA copy stays eager);
-    the parameter names, and so the checkpoints, are those of the eager model.
+    `compile=True` trains the model through `torch.compile(fullgraph=True)` (the EMA copy, and test
+    and predict runs, stay eager); the parameter names, and so the checkpoints, are those of the eager
+    model.
     """
 
     def __init__(
@@ -81,9 +83,11 @@ class ImageClassifier(L.LightningModule):
         self._epoch_start, self._epoch_images = 0.0, 0
 
     def configure_model(self) -> None:
+        # only for fitting: a test or predict pass over a checkpoint would mostly wait for the compile
+        fitting = self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING
         # in place (`nn.Module.compile`), unlike `torch.compile(model)`, which would prefix every key
         # with `_orig_mod.`; Lightning calls this hook before wrapping the module for DDP
-        if self.hparams.compile and self.model._compiled_call_impl is None:
+        if self.hparams.compile and fitting and self.model._compiled_call_impl is None:
             self.model.compile(fullgraph=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
