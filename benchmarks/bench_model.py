@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.models.reference import reference_from
+from dynamixer.utils.complexity import count_flops
 from reporting import write_report
 
 VARIANTS = {"tiny": "dynamixer_tiny", "s": "dynamixer_s", "m": "dynamixer_m", "l": "dynamixer_l"}
@@ -139,21 +139,6 @@ def peak_memory(fn: callable, device: torch.device) -> int:
     return tracker.peak
 
 
-def count_flops(model: nn.Module, batch: int, img_size: tuple[int, int], train: bool) -> int:
-    """FLOPs (torch.utils.flop_counter: 2 per multiply-accumulate) of one forward (or forward and
-    backward) pass of `batch` images, on a weightless copy on the meta device."""
-    meta = copy.deepcopy(model).to("meta").train(train)
-    x = torch.empty(batch, 3, *img_size, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        if train:
-            meta(x).sum().backward()
-        else:
-            with torch.no_grad():
-                meta(x)
-    return counter.get_total_flops()
-
-
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     """GFLOP/s of an `n x n` by `n x n` matmul (best of `repeats`)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -215,11 +200,9 @@ def gemm_ceiling(fn: callable, device: torch.device, repeats: int = 3) -> dict:
 
 
 # -------------------------------------------------------------------------------------- running
-def build(name: str, img_size: int, num_classes: int, device: torch.device):
+def build(name: str, img_size: int, num_classes: int, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=img_size, num_classes=num_classes).to(device)
-    ref = reference_from(model)
-    return model, ref
+    return timm.create_model(name, img_size=img_size, num_classes=num_classes).to(device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -248,32 +231,28 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = VARIANTS[args.model]
-    img_size = args.img_size or timm.create_model(name, pretrained=False).img_size[0]
-    model, ref = build(name, img_size, args.num_classes, device)
+    img_size = args.img_size or timm.models.get_pretrained_cfg(name).input_size[-1]
+    model = build(name, img_size, args.num_classes, device)
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, n), "bf16-mixed": matmul_peak(device, torch.bfloat16, n)}
-    flops = {
-        ("our", "forward"): count_flops(model, args.batch_size, model.img_size, train=False),
-        ("our", "train"): count_flops(model, args.batch_size, model.img_size, train=True),
-    }
-    flops[("reference", "forward")] = count_flops(ref, args.batch_size, model.img_size, train=False)
-    flops[("reference", "train")] = count_flops(ref, args.batch_size, model.img_size, train=True)
+    ref = None if args.no_reference else reference_from(model)
+    flops = {(impl, mode): count_flops(m, tuple(x.shape), train=mode == "train")
+             for impl, m in (("our", model), ("reference", ref)) if m is not None for mode in ("forward", "train")}
     gmacs = flops[("our", "forward")] / 2e9 / args.batch_size
 
     impls: dict[str, nn.Module] = {"our": model}
-    compile_seconds = None
+    compile_started = None
     if "on" in args.compile:
-        t0 = time.perf_counter()
+        compile_started = time.perf_counter()  # compiling happens in the warm-up calls below
         impls["our+compile"] = torch.compile(model, fullgraph=True)
-        compile_seconds = time.perf_counter()  # finished after the warm-up below
     if "on" in args.grad_checkpointing:
         impls["our+ckpt"] = copy.deepcopy(model)
         impls["our+ckpt"].set_grad_checkpointing(True)
-    if not args.no_reference:
+    if ref is not None:
         impls["reference"] = ref
     if "off" not in args.compile:
         impls.pop("our")
@@ -284,15 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
             for impl, m in impls.items():
                 if impl == "our+ckpt" and mode == "forward":
                     continue  # checkpointing only changes what training keeps for backward
-                m.train(mode == "train")
                 fn = forward_fn(m, x, precision) if mode == "forward" else train_fn(m, x, y, precision)
                 fns[(impl, mode, precision)] = fn
     # warm-up (compiles once per mode/precision) apart from the timed rounds
     for key, fn in fns.items():
         impls[key[0]].train(key[1] == "train")
         fn()
-    if compile_seconds is not None:
-        compile_seconds = time.perf_counter() - t0
+    compile_seconds = None if compile_started is None else time.perf_counter() - compile_started
 
     def run(key):
         impls[key[0]].train(key[1] == "train")
