@@ -269,9 +269,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
 def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the
     checkpoint's hyper-parameters (`run_config`, `num_classes`, `data_info`)."""
@@ -288,6 +285,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for an image file or every image of a folder (`cfg.inputs`);
     printed, and written to `<run folder>/predictions.json`."""
     from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     from dynamixer.data import build_transform
 
@@ -297,13 +295,14 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
                                 interpolation=info["interpolation"], mean=info["mean"], std=info["std"])
     inputs = Path(cfg.inputs)
     if inputs.is_dir():
-        files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        # the image files the ImageNet data module reads too
+        files = sorted(p for p in inputs.rglob("*") if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
     elif inputs.is_file():
         files = [inputs]
     else:
         raise FileNotFoundError(f"inputs={cfg.inputs} does not exist: give an image file or a folder of images")
     if not files:
-        raise FileNotFoundError(f"inputs={cfg.inputs} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise FileNotFoundError(f"inputs={cfg.inputs} holds no images ({', '.join(IMG_EXTENSIONS)})")
     k = min(cfg.top_k, len(info["class_names"]))
     predictions = []
     for start in range(0, len(files), cfg.batch_size):
