@@ -109,3 +109,19 @@ def compose_train_config(overrides: Sequence[str] = (), output_dir: str | os.Pat
             cfg.paths.root_dir = str(output_dir)
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def compose_job_config(overrides: Sequence[str], output_dir: str | os.PathLike):
+    """The config a `python train.py <overrides>` job sees under `@hydra.main`: `HydraConfig` set, no
+    `hydra` node, its output folder `output_dir`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg

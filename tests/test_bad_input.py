@@ -11,27 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
 from PIL import Image
 
+from conftest import compose_job_config
 from dynamixer.data import DataError
 from dynamixer.run import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "logger=csv", "debug=fast"]
 
 
 def run_train(tmp_path: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*QUIET, *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        del cfg["hydra"]
-    return train(cfg)
+    return train(compose_job_config([*QUIET, *overrides], tmp_path / "run"))
 
 
 def image_tree(root: Path, splits: dict[str, list[str]], per_class: int = 2) -> Path:

@@ -4,21 +4,14 @@ BENCHMARKS.md, not asserted here except the bf16-vs-fp32 loss gap, which is beha
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_benchmark(script: str, *args: str) -> None:
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from conftest import run_script
 
 
 def test_bf16_mixed_training_follows_fp32_on_digits(tmp_path):
     out = tmp_path / "precision.json"
-    run_benchmark("bench_precision.py", "--steps", "20", "--output-dir", str(tmp_path / "run"), "--json", str(out))
+    run_script("benchmarks/bench_precision.py", ["--steps", "20", "--output-dir", tmp_path / "run", "--json", out],
+               cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["logits_dtype"] == {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16"}
     assert len(report["loss_fp32"]) == len(report["loss_bf16"]) == 20
@@ -27,7 +20,7 @@ def test_bf16_mixed_training_follows_fp32_on_digits(tmp_path):
 
 def test_model_benchmark_reports_every_impl_mode_and_precision(tmp_path):
     out = tmp_path / "bench.json"
-    run_benchmark("bench_model.py", "--model", "tiny", "--repeats", "1", "--json", str(out))
+    run_script("benchmarks/bench_model.py", ["--model", "tiny", "--repeats", "1", "--json", out], cwd=tmp_path)
     report = json.loads(out.read_text())
     rows = {(r["impl"], r["mode"], r["precision"]): r for r in report["results"]}
     assert set(rows) == {(i, m, p) for i in ("our", "reference") for m in ("forward", "train")

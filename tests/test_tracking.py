@@ -6,14 +6,10 @@ from pathlib import Path
 
 import pytest
 import wandb
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
+from conftest import compose_job_config
 from dynamixer.run import train
 from dynamixer.utils.tracking import wandb_api_key_configured
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture
@@ -37,17 +33,11 @@ def test_api_key_detection(no_wandb_login: None, tmp_path: Path, monkeypatch: py
 def test_wandb_run_offline_holds_config_and_metrics(
     no_wandb_login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=["logger=wandb", "debug=fast", "logger.wandb.tags=[ablation]", "logger.wandb.group=g1",
-                       "callbacks.progress_bar=null", "callbacks.model_summary=null"],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        del cfg["hydra"]  # a job's own config holds no hydra node, as under @hydra.main
+    cfg = compose_job_config(
+        ["logger=wandb", "debug=fast", "logger.wandb.tags=[ablation]", "logger.wandb.group=g1",
+         "callbacks.progress_bar=null", "callbacks.model_summary=null"],
+        tmp_path / "run",
+    )
 
     seen = {}
     finish = wandb.sdk.wandb_run.Run.finish
