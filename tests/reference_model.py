@@ -1,14 +1,14 @@
 """Reference DynaMixer: literal transcription used as oracle/baseline; not for training.
 
-A second, independent implementation of SPEC §1-3, written straight from its words: explicit
+A second, independent implementation of docs/paper.md (sections 1-3), written straight from its words: explicit
 reshapes and permutes, one loop over the segments, its own module classes and its own parameter
 names. It exists to check `dynamixer.models.dynamixer.DynaMixer` (tests compare outputs and
 gradients) and as the "plain" baseline of the benchmarks. It is deliberately unoptimised.
 
-Layout: tokens are channels last, `(B, H, W, D)`, as in SPEC §2.
+Layout: tokens are channels last, `(B, H, W, D)`, as in docs/paper.md, section 2.
 
 Public API:
-- `ReferenceDynaMixerOp`, `ReferenceDynaMixerBlock`, `ReferenceLayer`, `ReferenceStage`,
+- `ReferenceDynaMixerOp`, `ReferenceTokenMixer`, `ReferenceBlock`, `ReferenceStage`,
   `ReferenceMLP`, `ReferenceDropPath`, `ReferenceDynaMixer`: the modules.
 - `reference_key_map(model)`: our `DynaMixer` state-dict key -> the reference's key.
 - `reference_from(model)`: a `ReferenceDynaMixer` with `model`'s hyper-parameters and weights.
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .dynamixer import DynaMixer
+from dynamixer.models import DynaMixer
 
 __all__ = [
     "ReferenceDropPath",
     "ReferenceDynaMixer",
-    "ReferenceDynaMixerBlock",
+    "ReferenceTokenMixer",
     "ReferenceDynaMixerOp",
-    "ReferenceLayer",
+    "ReferenceBlock",
     "ReferenceMLP",
     "ReferenceStage",
     "reference_from",
@@ -38,7 +38,7 @@ __all__ = [
 
 
 class ReferenceDynaMixerOp(nn.Module):
-    """SPEC §1, literal transcription used as oracle/baseline; not for training.
+    """docs/paper.md section 1, literal transcription used as oracle/baseline; not for training.
 
     Input `(B, L, N, D)`: `L` sequences of `N` tokens with `D` channels; output the same shape.
     """
@@ -86,8 +86,8 @@ class ReferenceDynaMixerOp(nn.Module):
         return self.out(y)
 
 
-class ReferenceDynaMixerBlock(nn.Module):
-    """SPEC §2, literal transcription used as oracle/baseline; not for training.
+class ReferenceTokenMixer(nn.Module):
+    """docs/paper.md section 2, literal transcription used as oracle/baseline; not for training.
 
     Input and output `(B, H, W, D)`.
     """
@@ -170,7 +170,7 @@ class ReferenceDropPath(nn.Module):
         return x * mask
 
 
-class ReferenceLayer(nn.Module):
+class ReferenceBlock(nn.Module):
     """Pre-norm residual block: `x + DropPath(Mixer(LN(x)))`, then `x + DropPath(MLP(LN(x)))`."""
 
     def __init__(
@@ -189,7 +189,7 @@ class ReferenceLayer(nn.Module):
     ):
         super().__init__()
         self.norm_mix = nn.LayerNorm(dim, eps=eps)
-        self.mixer = ReferenceDynaMixerBlock(dim, height, width, segments, reduced_dim, fusion, channel_bias, proj_drop)
+        self.mixer = ReferenceTokenMixer(dim, height, width, segments, reduced_dim, fusion, channel_bias, proj_drop)
         self.norm_mlp = nn.LayerNorm(dim, eps=eps)
         self.mlp = ReferenceMLP(dim, mlp_hidden)
         self.drop_path = ReferenceDropPath(drop_path)
@@ -220,7 +220,7 @@ class ReferenceStage(nn.Module):
 
 
 class ReferenceDynaMixer(nn.Module):
-    """SPEC §3, literal transcription used as oracle/baseline; not for training.
+    """docs/paper.md section 3, literal transcription used as oracle/baseline; not for training.
 
     All per-stage arguments are lists of four values; `resolutions` is the `(H, W)` token grid of
     each stage. No weight initialisation is done: the weights are meant to be copied from a
@@ -267,9 +267,18 @@ class ReferenceDynaMixer(nn.Module):
             for _ in range(layers[i]):
                 rate = drop_path_rate * k / (blocks - 1) if blocks > 1 else 0.0
                 stage_layers.append(
-                    ReferenceLayer(
-                        embed_dims[i], height, width, segments[i], reduced_dims[i], mlp_hiddens[i],
-                        fusion, channel_bias, proj_drop_rate, rate, eps,
+                    ReferenceBlock(
+                        embed_dims[i],
+                        height,
+                        width,
+                        segments[i],
+                        reduced_dims[i],
+                        mlp_hiddens[i],
+                        fusion,
+                        channel_bias,
+                        proj_drop_rate,
+                        rate,
+                        eps,
                     )
                 )
                 k += 1
@@ -332,7 +341,7 @@ def reference_from(model: DynaMixer) -> ReferenceDynaMixer:
     """A `ReferenceDynaMixer` with the hyper-parameters and a copy of the weights of `model`.
 
     The hyper-parameters are read from the model's attributes and modules; the drop-path rate is
-    the last block's (SPEC's linear rule ends at the full rate), and the reference recomputes the
+    the last block's (the paper's linear rule ends at the full rate), and the reference recomputes the
     per-block rates itself. The result is in the same train/eval mode as `model`.
     """
     if not isinstance(model, DynaMixer):

@@ -4,14 +4,22 @@ Importing this package registers `dynamixer_tiny`, `dynamixer_s`, `dynamixer_m` 
 with timm, so `timm.create_model("dynamixer_s")` works.
 """
 
-from .dynamixer import DynaMixer, DynaMixerBlock, DynaMixerLayer, DynaMixerOp, stage_resolutions
-from .release import checkpoint_filter_fn, load_release_checkpoint, model_kwargs_from_release, release_key_map
+from .dynamixer import (
+    DynaMixer,
+    DynaMixerBlock,
+    DynaMixerOp,
+    DynaMixerTokenMixer,
+    checkpoint_filter_fn,
+    release_key_map,
+    stage_resolutions,
+)
+from .release import load_release_checkpoint, model_kwargs_from_release
 
 __all__ = [
     "DynaMixer",
     "DynaMixerBlock",
-    "DynaMixerLayer",
     "DynaMixerOp",
+    "DynaMixerTokenMixer",
     "checkpoint_filter_fn",
     "load_release_checkpoint",
     "model_kwargs_from_release",

@@ -6,8 +6,8 @@ Layout inside the network is channels last: tokens are `(B, H, W, C)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -15,13 +15,21 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ["DynaMixer", "DynaMixerBlock", "DynaMixerLayer", "DynaMixerOp", "stage_resolutions"]
+__all__ = [
+    "DynaMixer",
+    "DynaMixerBlock",
+    "DynaMixerOp",
+    "DynaMixerTokenMixer",
+    "checkpoint_filter_fn",
+    "release_key_map",
+    "stage_resolutions",
+]
 
 NUM_STAGES = 4
 
 
 class DynaMixerOp(nn.Module):
-    """Dynamic token mixing along one axis of length `seq_len` (SPEC §1).
+    """Dynamic token mixing along one axis of length `seq_len` (docs/paper.md, section 1).
 
     Input `(B, L, N, C)`: `L` independent sequences of `N = seq_len` tokens with `C` channels.
     Output: same shape. The `N x N` mixing matrix of each sequence and segment is generated from
@@ -72,9 +80,10 @@ class DynaMixerOp(nn.Module):
         return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}"
 
 
-class DynaMixerBlock(nn.Module):
-    """Token mixing of a `(B, H, W, C)` grid: a DynaMixer op along H, one along W, a channel Linear,
-    fused by the re-weighting of Vision Permutator (or summed), then projected. Shape preserved.
+class DynaMixerTokenMixer(nn.Module):
+    """Token mixing of a `(B, H, W, C)` grid: a DynaMixer op along H, one along W, a channel Linear
+    (bias: `channel_bias`), fused by the re-weighting of Vision Permutator (or summed), then projected.
+    Shape preserved (docs/paper.md, section 2).
 
     Under autocast the input is cast once to the autocast dtype, instead of once per consumer.
     """
@@ -86,7 +95,7 @@ class DynaMixerBlock(nn.Module):
         segments: int,
         reduced_dim: int,
         fusion: Literal["reweight", "sum"] = "reweight",
-        qkv_bias: bool = False,
+        channel_bias: bool = False,
         proj_drop: float = 0.0,
     ):
         super().__init__()
@@ -95,7 +104,7 @@ class DynaMixerBlock(nn.Module):
         height, width = resolution
         self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim)
         self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim)
-        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_c = nn.Linear(dim, dim, bias=channel_bias)
         self.reweight = Mlp(dim, dim // 4, dim * 3) if fusion == "reweight" else None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -143,8 +152,8 @@ class DynaMixerBlock(nn.Module):
         return out
 
 
-class DynaMixerLayer(nn.Module):
-    """Pre-norm residual layer: token mixing then channel MLP, `(B, H, W, C)` in and out."""
+class DynaMixerBlock(nn.Module):
+    """Pre-norm residual block: token mixing then channel MLP, `(B, H, W, C)` in and out."""
 
     def __init__(
         self,
@@ -154,7 +163,7 @@ class DynaMixerLayer(nn.Module):
         reduced_dim: int,
         mlp_ratio: float = 3.0,
         fusion: Literal["reweight", "sum"] = "reweight",
-        qkv_bias: bool = False,
+        channel_bias: bool = False,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
@@ -162,8 +171,8 @@ class DynaMixerLayer(nn.Module):
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.token_mixer = DynaMixerBlock(
-            dim, resolution, segments, reduced_dim, fusion=fusion, qkv_bias=qkv_bias, proj_drop=proj_drop
+        self.token_mixer = DynaMixerTokenMixer(
+            dim, resolution, segments, reduced_dim, fusion=fusion, channel_bias=channel_bias, proj_drop=proj_drop
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -186,7 +195,7 @@ class DynaMixerStage(nn.Module):
             self.downsample = nn.Conv2d(in_dim, dim, kernel_size=1)
         else:
             self.downsample = None
-        self.blocks = nn.Sequential(*[DynaMixerLayer(dim, drop_path=dp, **layer_kw) for dp in drop_path[:depth]])
+        self.blocks = nn.Sequential(*[DynaMixerBlock(dim, drop_path=dp, **layer_kw) for dp in drop_path[:depth]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
@@ -200,7 +209,9 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
         return [value] * n
     value = list(value)
     if len(value) != n:
-        raise ValueError(f"{name} has {len(value)} entries {value}, but the model has {n} stages: give one value or {n}")
+        raise ValueError(
+            f"{name} has {len(value)} entries {value}, but the model has {n} stages: give one value or {n}"
+        )
     return value
 
 
@@ -255,7 +266,7 @@ class DynaMixer(nn.Module):
         reduced_dim: int | Sequence[int] = 2,
         mlp_ratio: float | Sequence[float] = 3.0,
         fusion: Literal["reweight", "sum"] = "reweight",
-        qkv_bias: bool = False,
+        channel_bias: bool = False,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -304,7 +315,7 @@ class DynaMixer(nn.Module):
                     reduced_dim=reduced_dim[i],
                     mlp_ratio=mlp_ratio[i],
                     fusion=fusion,
-                    qkv_bias=qkv_bias,
+                    channel_bias=channel_bias,
                     proj_drop=proj_drop_rate,
                     norm_layer=norm_layer,
                 )
@@ -375,12 +386,12 @@ class DynaMixer(nn.Module):
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Per layer (in order), the mixing matrices and branch weights generated for images `x`
-        (see `DynaMixerBlock.explain`)."""
+        (see `DynaMixerTokenMixer.explain`)."""
         found: list[dict[str, torch.Tensor]] = []
         hooks = [
             m.register_forward_pre_hook(lambda mod, args: found.append(mod.explain(args[0])))
             for m in self.modules()
-            if isinstance(m, DynaMixerBlock)
+            if isinstance(m, DynaMixerTokenMixer)
         ]
         try:
             self.forward(x)
@@ -415,42 +426,108 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def release_key_map(model: DynaMixer) -> dict[str, str]:
+    """Our state-dict key -> the authors' release's key, for every tensor of `model`.
+
+    The release keeps stages and downsampling convs in one flat list (`network.<k>...`), names the token
+    mixer `attn` and the stem `patch_embed.proj`; we use `stages.<i>.blocks.<j>.token_mixer`,
+    `stages.<i>.downsample` and `stem`. The tensors themselves are identical.
+    """
+    prefixes = {"stem.": "patch_embed.proj.", "norm.": "norm.", "head.": "head."}
+    k = 0
+    for i, stage in enumerate(model.stages):
+        if stage.downsample is not None:
+            prefixes[f"stages.{i}.downsample."] = f"network.{k}.proj."
+            k += 1
+        for j in range(len(stage.blocks)):
+            ours = f"stages.{i}.blocks.{j}."
+            prefixes[ours + "token_mixer."] = f"network.{k}.{j}.attn."
+            for part in ("norm1.", "norm2.", "mlp."):
+                prefixes[ours + part] = f"network.{k}.{j}.{part}"
+        k += 1
+    mapping = {}
+    for key in model.state_dict():
+        prefix = max((p for p in prefixes if key.startswith(p)), key=len)
+        mapping[key] = prefixes[prefix] + key[len(prefix) :]
+    return mapping
+
+
+def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The bare state dict of a release or timm training checkpoint (`model`, `state_dict_ema`, ...)."""
+    for name in ("state_dict_ema", "model_ema", "model", "state_dict"):
+        if name in checkpoint and isinstance(checkpoint[name], Mapping):
+            checkpoint = checkpoint[name]
+            break
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: DynaMixer) -> dict[str, torch.Tensor]:
+    """A release (or our own) state dict renamed to `model`'s keys; used by timm's `pretrained` loading."""
+    state_dict = _unwrap(state_dict)
+    if "patch_embed.proj.weight" not in state_dict:
+        return state_dict  # already in our names
+    ours_of = {release: ours for ours, release in release_key_map(model).items()}
+    return {ours_of.get(k, k): v for k, v in state_dict.items()}
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
-    from .release import checkpoint_filter_fn
-
-    return build_model_with_cfg(
-        DynaMixer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    return build_model_with_cfg(DynaMixer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-# The paper's variants (SPEC §3). `segments`/`reduced_dim` may be overridden for ablations.
+# The paper's variants (docs/paper.md, section 3). `segments`/`reduced_dim` may be overridden for ablations.
 @register_model
 def dynamixer_s(pretrained: bool = False, **kwargs) -> DynaMixer:
     """DynaMixer-S: 26.3M parameters, 7.3 GMACs at 224 (paper: 82.7% ImageNet top-1)."""
-    arch = dict(layers=(4, 3, 8, 3), embed_dims=(192, 384, 384, 384), transitions=(True, False, False, False),
-                segments=(8, 16, 16, 16), reduced_dim=2, patch_size=7)
+    arch = dict(
+        layers=(4, 3, 8, 3),
+        embed_dims=(192, 384, 384, 384),
+        transitions=(True, False, False, False),
+        segments=(8, 16, 16, 16),
+        reduced_dim=2,
+        patch_size=7,
+    )
     return _create("dynamixer_s", pretrained, **{**arch, **kwargs})
 
 
 @register_model
 def dynamixer_m(pretrained: bool = False, **kwargs) -> DynaMixer:
     """DynaMixer-M: 57.1M parameters, 17.0 GMACs at 224 (paper: 83.7% ImageNet top-1)."""
-    arch = dict(layers=(4, 3, 14, 3), embed_dims=(256, 256, 512, 512), transitions=(False, True, False, False),
-                segments=(8, 8, 16, 16), reduced_dim=2, patch_size=7)
+    arch = dict(
+        layers=(4, 3, 14, 3),
+        embed_dims=(256, 256, 512, 512),
+        transitions=(False, True, False, False),
+        segments=(8, 8, 16, 16),
+        reduced_dim=2,
+        patch_size=7,
+    )
     return _create("dynamixer_m", pretrained, **{**arch, **kwargs})
 
 
 @register_model
 def dynamixer_l(pretrained: bool = False, **kwargs) -> DynaMixer:
     """DynaMixer-L: 97.8M parameters, 27.3 GMACs at 224 (paper: 84.3% ImageNet top-1)."""
-    arch = dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), transitions=(True, False, False, False),
-                segments=(8, 16, 16, 16), reduced_dim=8, patch_size=7)
+    arch = dict(
+        layers=(8, 8, 16, 4),
+        embed_dims=(256, 512, 512, 512),
+        transitions=(True, False, False, False),
+        segments=(8, 16, 16, 16),
+        reduced_dim=8,
+        patch_size=7,
+    )
     return _create("dynamixer_l", pretrained, **{**arch, **kwargs})
 
 
 @register_model
 def dynamixer_tiny(pretrained: bool = False, **kwargs) -> DynaMixer:
     """Our small DynaMixer for CPU work on 32x32 images (patch 4: 8x8 then 4x4 tokens, <1M parameters)."""
-    arch = dict(img_size=32, num_classes=10, layers=(2, 2, 2, 1), embed_dims=(64, 112, 112, 112),
-                transitions=(True, False, False, False), segments=(4, 8, 8, 8), reduced_dim=2, patch_size=4)
+    arch = dict(
+        img_size=32,
+        num_classes=10,
+        layers=(2, 2, 2, 1),
+        embed_dims=(64, 112, 112, 112),
+        transitions=(True, False, False, False),
+        segments=(4, 8, 8, 8),
+        reduced_dim=2,
+        patch_size=4,
+    )
     return _create("dynamixer_tiny", pretrained, **{**arch, **kwargs})

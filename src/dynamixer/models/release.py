@@ -1,12 +1,11 @@
-"""Checkpoints and constructor arguments of the authors' release, mapped onto our model.
+"""Checkpoints and constructor arguments of the authors' release, loaded into our model.
 
-The release keeps stages and downsampling convs in one flat list (`network.<k>...`), names the token
-mixer `attn` and the stem `patch_embed.proj`; we use `stages.<i>.blocks.<j>.token_mixer`,
-`stages.<i>.downsample` and `stem`. The tensors themselves are identical.
+The key mapping itself lives with the model (`checkpoint_filter_fn`, `release_key_map`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,46 +13,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["checkpoint_filter_fn", "load_release_checkpoint", "model_kwargs_from_release", "release_key_map"]
+from .dynamixer import checkpoint_filter_fn, release_key_map, stage_resolutions
 
-
-def release_key_map(model: nn.Module) -> dict[str, str]:
-    """Our state-dict key -> the release's key, for every tensor of `model` (a `DynaMixer`)."""
-    prefixes = {"stem.": "patch_embed.proj.", "norm.": "norm.", "head.": "head."}
-    k = 0
-    for i, stage in enumerate(model.stages):
-        if stage.downsample is not None:
-            prefixes[f"stages.{i}.downsample."] = f"network.{k}.proj."
-            k += 1
-        for j in range(len(stage.blocks)):
-            ours = f"stages.{i}.blocks.{j}."
-            prefixes[ours + "token_mixer."] = f"network.{k}.{j}.attn."
-            for part in ("norm1.", "norm2.", "mlp."):
-                prefixes[ours + part] = f"network.{k}.{j}.{part}"
-        k += 1
-    mapping = {}
-    for key in model.state_dict():
-        prefix = max((p for p in prefixes if key.startswith(p)), key=len)
-        mapping[key] = prefixes[prefix] + key[len(prefix):]
-    return mapping
-
-
-def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The bare state dict of a release or timm training checkpoint (`model`, `state_dict_ema`, ...)."""
-    for name in ("state_dict_ema", "model_ema", "model", "state_dict"):
-        if name in checkpoint and isinstance(checkpoint[name], Mapping):
-            checkpoint = checkpoint[name]
-            break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A release (or our own) state dict renamed to `model`'s keys; used by timm's `pretrained` loading."""
-    state_dict = _unwrap(state_dict)
-    if "patch_embed.proj.weight" not in state_dict:
-        return state_dict  # already in our names
-    ours_of = {release: ours for ours, release in release_key_map(model).items()}
-    return {ours_of.get(k, k): v for k, v in state_dict.items()}
+__all__ = ["load_release_checkpoint", "model_kwargs_from_release"]
 
 
 def load_release_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
@@ -65,7 +27,10 @@ def load_release_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Ma
     if not isinstance(checkpoint, Mapping):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"release checkpoint {os.fspath(checkpoint)!r} does not exist")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # weights only: opening a file never runs code from it; the release's files also hold their
+        # training arguments as an `argparse.Namespace`, which is plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state_dict = checkpoint_filter_fn(checkpoint, model)
     expected = model.state_dict()
     release_name = release_key_map(model)
@@ -92,8 +57,6 @@ def model_kwargs_from_release(config: Mapping[str, Any]) -> dict[str, Any]:
 
     The release's hard-coded `resolutions` are checked against the ones we derive from the image size.
     """
-    from .dynamixer import stage_resolutions
-
     kwargs = {
         "img_size": config.get("img_size", 224),
         "patch_size": config.get("patch_size", 7),
