@@ -4,12 +4,14 @@ import hydra
 from omegaconf import DictConfig
 
 from dynamixer.run import evaluate
+from dynamixer.run.cli import exit_on_user_error, run_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="test")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with exit_on_user_error():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

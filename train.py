@@ -4,14 +4,16 @@ import hydra
 from omegaconf import DictConfig
 
 from dynamixer.run import train
+from dynamixer.run.cli import exit_on_user_error, run_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
-    best = results.get("best") or {}
-    return best.get(results.get("monitor"))
+    with exit_on_user_error():
+        results = train(cfg)
+        best = results.get("best") or {}
+        return best.get(results.get("monitor"))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from timm.scheduler import CosineLRScheduler
 
+from dynamixer.errors import ConfigError
+
 
 def cosine_with_warmup(
     optimizer: torch.optim.Optimizer,
@@ -23,7 +25,7 @@ def cosine_with_warmup(
     """
     cosine_epochs = max_epochs - cooldown_epochs
     if cosine_epochs <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"cooldown_epochs={cooldown_epochs} leaves no cosine epochs out of max_epochs={max_epochs}: "
             "raise trainer.max_epochs or lower scheduler.cooldown_epochs"
         )

@@ -12,8 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
+from dynamixer.errors import UserError
 
-class HardwareError(RuntimeError):
+
+class HardwareError(UserError, RuntimeError):
     """The trainer asks for devices this machine does not have."""
 
 

@@ -1,0 +1,19 @@
+"""The errors that are the user's to fix: entry points print their message alone and exit with 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A bad value, file, folder or machine that the user can fix; the message names the value and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (a model that cannot be built, sizes that do not fit)."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used for what was asked (another model, no run config, unreadable)."""

@@ -1,0 +1,66 @@
+"""Config -> objects: the data module and the LightningModule (with its backbone) of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dynamixer.errors import ConfigError, UserError
+from dynamixer.lit_module import ImageClassifier
+from dynamixer.utils.complexity import count_gmacs, count_params
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with the errors a config value causes re-raised as user errors:
+    our own clear errors as they are, and a `ValueError` of a constructor (a model that cannot be
+    built from these values) as a `ConfigError` with the same message."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from cause
+        raise
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
+    """The data module and the LightningModule (with its backbone) described by `cfg`."""
+    datamodule = instantiate_checked(cfg.data)
+    model = instantiate_checked(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
+    built_for = tuple(getattr(model, "img_size", (datamodule.img_size,) * 2))
+    if built_for != (datamodule.img_size,) * 2:
+        raise ConfigError(
+            f"data.img_size={datamodule.img_size} but the model is built for {built_for[0]}x{built_for[1]} images: "
+            f"set model.img_size (data.img_size follows it) instead of data.img_size"
+        )
+    # partial first: the objects and the plain run config passed next must not be re-instantiated
+    module = instantiate(cfg.module, _partial_=True)(
+        model=model,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        data_info={
+            "class_names": list(datamodule.class_names),
+            "img_size": datamodule.img_size,
+            "crop_pct": datamodule.crop_pct,
+            "interpolation": datamodule.interpolation,
+            "mean": list(datamodule.mean),
+            "std": list(datamodule.std),
+        },
+    )
+    return datamodule, module
+
+
+def model_size(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter count and GMACs per image (at the size the model is built for)."""
+    img_size = getattr(model, "img_size", None)
+    gmacs = round(count_gmacs(model, (3, *img_size)), 4) if img_size else None
+    return {"num_params": count_params(model), "gmacs": gmacs}

@@ -1,0 +1,68 @@
+"""What the entry points share: a user's error is one message on stderr and exit status 2.
+
+@hydra.main(...)
+def main(cfg):
+    with exit_on_user_error():   # errors inside the job (Hydra would print its own line before them)
+        ...
+
+if __name__ == "__main__":
+    run_main(main)           # errors of the command line and config composition, before the job
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf.errors import MissingMandatoryValue
+
+from dynamixer.errors import UserError
+
+USER_ERRORS = (UserError, ConfigCompositionException, OverrideParseException, MissingMandatoryValue)
+EXIT_USER_ERROR = 2
+# whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); kept in the environment for DDP's re-launched ranks
+_TRACES_ASKED = "DYNAMIXER_TRACES_ASKED"
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user's error, without the traceback that a data-loader worker wraps around it."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if "\nOriginal Traceback" in text and marker in text:
+        text = text[text.rindex(marker) + len(marker) :]
+    if isinstance(err, MissingMandatoryValue):
+        text = f"{text}: give it on the command line ({err.full_key}=...)"
+    return text.strip()
+
+
+def _exit_with_message(err: BaseException) -> None:
+    if os.environ.get(_TRACES_ASKED) == "1":
+        raise err
+    print(f"Error: {user_message(err)}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR) from None
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Inside a Hydra job: a `UserError` (or a missing mandatory value) prints its message alone and exits
+    with status 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        _exit_with_message(err)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function: a bad override, config option or key prints its message alone and exits
+    with status 2. `HYDRA_FULL_ERROR=1` shows the traceback of every error."""
+    os.environ.setdefault(_TRACES_ASKED, "1" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "0")
+    # Hydra then re-raises errors of the composition here instead of printing them and exiting with 1
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except USER_ERRORS as err:
+        _exit_with_message(err)

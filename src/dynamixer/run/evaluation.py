@@ -1,0 +1,94 @@
+"""Evaluation and prediction with a training checkpoint: `test.py` and `predict.py`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from dynamixer.data import build_transform, load_rgb
+from dynamixer.errors import MissingPathError
+from dynamixer.run.build import build
+from dynamixer.run.checkpoints import backbone_state, load_checkpoint, load_model, load_run_config
+from dynamixer.run.training import command_overrides
+from dynamixer.utils.results import write_results
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the checkpoint `cfg.ckpt_path` on the val split with `cfg.weights` (raw or ema);
+    print top-1/top-5 and write them to `<run folder>/eval.json`."""
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    state = backbone_state(checkpoint, cfg.weights, cfg.ckpt_path)
+    datamodule, module = build(load_run_config(checkpoint, cfg, command_overrides()))
+    module.model.load_state_dict(state)
+    module.ema = None  # evaluate one set of weights
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = {
+        "checkpoint": str(cfg.ckpt_path),
+        "weights": cfg.weights,
+        "epoch": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+    if trainer.is_global_zero:
+        path = write_results(cfg.paths.output_dir, results, name="eval.json")
+        for key, value in sorted(results["metrics"].items()):
+            print(f"{key}: {value:.4f}")
+        log.info("written: %s", path)
+    return results
+
+
+def image_files(inputs: str) -> list[Path]:
+    """An image file, or every image file under a folder (the extensions the ImageNet data module reads)."""
+    path = Path(inputs)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise MissingPathError(f"inputs={inputs} does not exist: give an image file or a folder of images")
+    if not files:
+        raise MissingPathError(f"inputs={inputs} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for an image file or every image of a folder (`cfg.inputs`);
+    printed, and written to `<run folder>/predictions.json`."""
+    model, hparams = load_model(cfg.ckpt_path, cfg.weights)
+    info = hparams["data_info"]
+    transform = build_transform(
+        info["img_size"],
+        False,
+        crop_pct=info["crop_pct"],
+        interpolation=info["interpolation"],
+        mean=info["mean"],
+        std=info["std"],
+    )
+    files = image_files(cfg.inputs)
+    k = min(cfg.top_k, len(info["class_names"]))
+    predictions = []
+    for start in range(0, len(files), cfg.batch_size):
+        batch = files[start : start + cfg.batch_size]
+        images = torch.stack([transform(load_rgb(f)) for f in batch])
+        with torch.no_grad():
+            probs, classes = model(images).softmax(dim=-1).topk(k, dim=-1)
+        for file, p, c in zip(batch, probs.tolist(), classes.tolist()):
+            top = [{"class": info["class_names"][i], "index": i, "prob": q} for i, q in zip(c, p)]
+            predictions.append({"file": str(file), "top": top})
+            print(f"{file}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top))
+    write_results(
+        cfg.paths.output_dir,
+        {"checkpoint": str(cfg.ckpt_path), "weights": cfg.weights, "predictions": predictions},
+        name="predictions.json",
+    )
+    return predictions

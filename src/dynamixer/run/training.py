@@ -1,0 +1,120 @@
+"""Training: fit a model as the config says, resume from checkpoints, write `results.json`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from dynamixer.callbacks import MetricsHistory
+from dynamixer.run.build import build, model_size
+from dynamixer.run.checkpoints import check_checkpoint_fits, resume_path
+from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch, release_distributed
+from dynamixer.utils.results import write_results
+from dynamixer.utils.tracking import close_loggers, configure_wandb
+
+log = logging.getLogger(__name__)
+# the EMA copy of the model is meant to stay in eval mode while the raw model trains
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def command_overrides() -> list[str]:
+    """The overrides of this command line (empty outside a Hydra run)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+    """The content of `results.json`: final and best validation metrics, best checkpoint, model size."""
+    history = next(c.history for c in trainer.callbacks if isinstance(c, MetricsHistory))
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+    best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return {
+        "status": "finished",
+        "final": history[-1] if history else None,
+        "best": best,
+        "monitor": monitor,
+        "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
+        "last_checkpoint": str(last) if last.is_file() else None,
+        **size,
+        # images skipped with data.skip_corrupt=true (counted in this process: data.num_workers=0 sees all)
+        "data": {"corrupt_files": sorted(getattr(datamodule, "corrupt_files", []))},
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "overrides": command_overrides(),
+        "output_dir": str(cfg.paths.output_dir),
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit a model as `cfg` says and write `results.json` into the run folder.
+
+    In a multirun, a failing job writes its error into its own `results.json` and the sweep goes on.
+    """
+    try:
+        return _train(cfg)
+    except Exception as err:
+        if not is_multirun():
+            raise
+        log.exception("job failed; the sweep goes on")
+        write_results(
+            cfg.paths.output_dir,
+            {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()},
+        )
+        return {"status": "failed"}
+    finally:
+        release_distributed()
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    prepare_ddp_relaunch()
+    check_devices(cfg.trainer)
+    ckpt_path = resume_path(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, module.model, cfg, datamodule.num_classes)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(MetricsHistory())  # results.json is made from it
+    configure_wandb(cfg.get("logger"))
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    size = model_size(module.model)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(
+            {**OmegaConf.to_container(cfg, resolve=True), **{f"model/{k}": v for k, v in size.items()}}
+        )
+
+    try:
+        try:
+            # our own checkpoints hold the numpy random state, which torch's weights-only loader refuses
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except SIGTERMException:  # SIGTERM or Ctrl-C: ModelCheckpoint saved last.ckpt of this exact step
+            if trainer.is_global_zero:
+                write_results(
+                    cfg.paths.output_dir, {**fit_results(trainer, cfg, size, datamodule), "status": "interrupted"}
+                )
+            log.warning(
+                "stopped at step %d; resume with: python train.py <same overrides> run_name=%s ckpt_path=auto",
+                trainer.global_step,
+                cfg.run_name,
+            )
+            raise SystemExit(128 + signal.SIGTERM) from None
+        results = fit_results(trainer, cfg, size, datamodule)
+        if trainer.is_global_zero:
+            path = write_results(cfg.paths.output_dir, results)
+            log.info("results: %s", path)
+            log.info("checkpoints: %s", Path(cfg.paths.output_dir) / "checkpoints")
+            log.info("logs: %s", ", ".join(str(lg.log_dir or lg.save_dir) for lg in trainer.loggers) or "none")
+    finally:
+        close_loggers(trainer.loggers)
+    return results
