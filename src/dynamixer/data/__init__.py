@@ -3,6 +3,7 @@
 from dynamixer.data.base import ClassificationDataModule, DataError
 from dynamixer.data.digits import DigitsDataModule
 from dynamixer.data.imagefolder import ImageFolderDataModule
+from dynamixer.data.images import load_rgb
 from dynamixer.data.transforms import build_transform
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "DigitsDataModule",
     "ImageFolderDataModule",
     "build_transform",
+    "load_rgb",
 ]

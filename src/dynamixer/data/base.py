@@ -12,9 +12,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
+from dynamixer.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
 
 

@@ -42,8 +42,15 @@ class DigitsDataModule(ClassificationDataModule):
     """
 
     # constructor defaults of ClassificationDataModule that differ for digits
-    defaults = {"batch_size": 64, "num_workers": 0, "img_size": 32, "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    default_train_aug = {"scale": (0.6, 1.0), "hflip": 0.0, "auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0}
+    defaults = {
+        "batch_size": 32,
+        "num_workers": 0,
+        "img_size": 32,
+        "crop_pct": 1.0,
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+    }
+    default_train_aug = {"scale": (0.85, 1.0), "hflip": 0.0, "auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0}
 
     def __init__(
         self,

@@ -3,49 +3,86 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data.base import ClassificationDataModule, DataError
+from dynamixer.data.images import load_rgb
 
 SPLITS = ("train", "val")
+_VERIFY_CHUNK = 256  # files per verify task, so ImageNet's 1.3M files do not become 1.3M pending futures
+_VERIFY_LISTED = 20
+
+
+def _image_files(directory: str) -> Iterator[str]:
+    """Image files under ``directory`` in sorted order, following symlinked folders.
+
+    Each real folder is read once, so a symlink loop neither recurses forever nor lists an image twice.
+    """
+    visited = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        dirs.sort()
+        yield from (os.path.join(root, f) for f in sorted(files) if has_file_allowed_extension(f, IMG_EXTENSIONS))
 
 
 def _has_image(directory: str) -> bool:
     """True if ``directory`` (searched recursively, stopping at the first hit) holds an image file."""
-    subdirs = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_file():
-                if has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
-                    return True
-            elif entry.is_dir():
-                subdirs.append(entry.path)
-    return any(_has_image(d) for d in subdirs)
+    return next(_image_files(directory), None) is not None
 
 
-def _scan_split(split_dir: Path) -> list[str]:
-    """Sorted class-folder names of one split; raises ``DataError`` if missing or empty."""
+def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
+    """``(path, reason)`` for each of ``paths`` that ``load_rgb`` cannot decode."""
+    bad = []
+    for path in paths:
+        try:
+            load_rgb(path)
+        except DataError as err:
+            bad.append((path, str(err.__cause__)))
+    return bad
+
+
+def _scan_split(split_dir: Path) -> dict[str, str]:
+    """Class name (NFC-normalised) -> its folder name on disk, sorted by class name, for one split.
+
+    Raises ``DataError`` if the split is missing, has no class folders, has a class folder without
+    images, or has two folders that differ only in Unicode normalisation.
+    """
     if not split_dir.is_dir():
         raise DataError(
             f"missing split folder {split_dir}. Expected the ImageNet layout "
             f"{split_dir.parent}/{{train,val}}/<class>/<image>; create it or point data_dir at the right folder."
         )
     with os.scandir(split_dir) as entries:
-        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not folders:
         raise DataError(
             f"no class folders in {split_dir}. Put each class's images in its own subfolder, "
             f"e.g. {split_dir}/n01440764/*.JPEG."
         )
-    empty = [c for c in classes if not _has_image(str(split_dir / c))]
+    classes: dict[str, str] = {}
+    for folder in folders:
+        name = unicodedata.normalize("NFC", folder)
+        if name in classes:
+            raise DataError(
+                f"class folders {classes[name]!r} and {folder!r} under {split_dir} are one name in two "
+                f"Unicode normal forms ({classes[name]!a} vs {folder!a}). Merge them into one folder."
+            )
+        classes[name] = folder
+    classes = dict(sorted(classes.items()))
+    empty = [c for c, folder in classes.items() if not _has_image(str(split_dir / folder))]
     if empty:
         raise DataError(
             f"{len(empty)} class folder(s) under {split_dir} hold no images "
@@ -54,22 +91,11 @@ def _scan_split(split_dir: Path) -> list[str]:
     return classes
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully as RGB; ``DataError`` naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise DataError(
-            f"cannot read image {path}: {err}. Replace or delete the file, "
-            "or set skip_corrupt=True to skip unreadable images."
-        ) from err
-
-
 class CheckedImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` with a fixed class list and checked decoding.
+    """torchvision ``ImageFolder`` with a fixed class list, a loop-safe file listing and checked decoding.
 
-    Items are ``(tensor (3, H, W), label)``. A file that cannot be decoded raises
+    ``folders`` maps each class name, in label order, to its folder under ``root``.
+    Items are ``(tensor (3, H, W), label)``, decoded by ``load_rgb``. A file that cannot be decoded raises
     ``DataError`` naming it; with ``skip_corrupt=True`` it is instead warned about,
     recorded in ``corrupt_files`` and replaced by the next readable sample (so a
     batch may hold a duplicate). ``corrupt_files`` is per process: with
@@ -77,14 +103,29 @@ class CheckedImageFolder(ImageFolder):
     warnings (printed by the workers) report them.
     """
 
-    def __init__(self, root: str, classes: list[str], transform: Callable, skip_corrupt: bool) -> None:
-        self._classes = classes
-        super().__init__(root, transform=transform)
+    def __init__(self, root: str, folders: Mapping[str, str], transform: Callable, skip_corrupt: bool) -> None:
+        self._folders = dict(folders)
+        super().__init__(root, transform=transform, loader=load_rgb)
         self.skip_corrupt = skip_corrupt
         self.corrupt_files: set[str] = set()
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._classes, {c: i for i, c in enumerate(self._classes)}
+        classes = list(self._folders)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], **_: Any) -> list[tuple[str, int]]:
+        # torchvision's extension arguments are ignored: the listing always keeps IMG_EXTENSIONS
+        return [
+            (path, class_to_idx[name])
+            for name, folder in self._folders.items()
+            for path in _image_files(os.path.join(directory, folder))
+        ]
+
+    def drop(self, paths: Collection[str]) -> None:
+        """Remove ``paths`` from the samples and record them in ``corrupt_files``."""
+        self.corrupt_files.update(path for path, _ in self.samples if path in paths)
+        self.samples = self.imgs = [s for s in self.samples if s[0] not in paths]
+        self.targets = [target for _, target in self.samples]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.samples)
@@ -93,12 +134,12 @@ class CheckedImageFolder(ImageFolder):
             if path in self.corrupt_files:
                 continue
             try:
-                img = _load_rgb(path)
+                img = self.loader(path)
             except DataError as err:
                 if not self.skip_corrupt:
                     raise
                 self.corrupt_files.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {err.__cause__}")
+                warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
                 continue
             return self.transform(img), target
         raise DataError(f"no readable image under {self.root}; every file failed to decode.")
@@ -109,8 +150,12 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     The folder tree is checked at construction (both splits exist, hold class
     folders with images, and name the same classes) so ``num_classes`` is known
-    before the model is built; file lists are read in ``setup``. Labels index the
-    sorted class-folder names. See ``CheckedImageFolder`` for ``skip_corrupt``.
+    before the model is built; file lists are read in ``setup``. Class names are the
+    NFC forms of the folder names (so a split may spell one in NFD); labels index
+    their sorted list. See ``CheckedImageFolder`` for ``skip_corrupt``. With
+    ``verify=True``, ``setup`` decodes every file once with ``max(1, num_workers)``
+    threads and raises one ``DataError`` listing the unreadable ones, or, with
+    ``skip_corrupt=True``, drops them from the samples up front with a warning.
     """
 
     defaults = {"num_workers": 8}  # ImageNet decoding needs workers; the rest are the base defaults
@@ -119,17 +164,20 @@ class ImageFolderDataModule(ClassificationDataModule):
         self,
         data_dir: str,
         skip_corrupt: bool = False,
+        verify: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.skip_corrupt = bool(skip_corrupt)
+        self.verify = bool(verify)
         if not self.data_dir.is_dir():
             raise DataError(
                 f"data_dir {self.data_dir} does not exist or is not a folder. Set data_dir to the "
                 "dataset root holding train/ and val/ (ImageNet layout train/<wnid>/*.JPEG)."
             )
-        train_classes, val_classes = (_scan_split(self.data_dir / s) for s in SPLITS)
+        self._folders = {s: _scan_split(self.data_dir / s) for s in SPLITS}
+        train_classes, val_classes = (list(self._folders[s]) for s in SPLITS)
         if train_classes != val_classes:
             only_train = sorted(set(train_classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(train_classes))
@@ -150,7 +198,7 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     @property
     def corrupt_files(self) -> list[str]:
-        """Unreadable files skipped so far in this process (see ``CheckedImageFolder``)."""
+        """Unreadable files skipped so far in this process, or up front by ``verify`` (see ``CheckedImageFolder``)."""
         found = set()
         for ds in (self.train_set, self.val_set):
             if ds is not None:
@@ -162,7 +210,32 @@ class ImageFolderDataModule(ClassificationDataModule):
         return len(self.corrupt_files)
 
     def _build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
-        return tuple(
-            CheckedImageFolder(str(self.data_dir / split), self._classes, tf, self.skip_corrupt)
+        datasets = tuple(
+            CheckedImageFolder(str(self.data_dir / split), self._folders[split], tf, self.skip_corrupt)
             for split, tf in zip(SPLITS, (self._train_tf, self._eval_tf))
+        )
+        if self.verify:
+            self._verify(datasets)
+        return datasets
+
+    def _verify(self, datasets: tuple[CheckedImageFolder, ...]) -> None:
+        paths = [path for ds in datasets for path, _ in ds.samples]
+        chunks = [paths[i : i + _VERIFY_CHUNK] for i in range(0, len(paths), _VERIFY_CHUNK)]
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            bad = dict(item for found in pool.map(_unreadable, chunks) for item in found)
+        if not bad:
+            return
+        if not self.skip_corrupt:
+            listed = "".join(f"\n  {path}: {reason}" for path, reason in list(bad.items())[:_VERIFY_LISTED])
+            more = f"\n  ... and {len(bad) - _VERIFY_LISTED} more" if len(bad) > _VERIFY_LISTED else ""
+            raise DataError(
+                f"{len(bad)} of {len(paths)} images under {self.data_dir} cannot be read:{listed}{more}\n"
+                "Replace or delete these files, or set skip_corrupt=True to leave them out."
+            )
+        for ds in datasets:
+            ds.drop(bad.keys())
+        warnings.warn(
+            f"verify=True found {len(bad)} unreadable image(s) under {self.data_dir}; skipping them, "
+            f"e.g. {list(bad)[:5]}",
+            stacklevel=2,
         )
