@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--passes", type=int, default=3, help="timed passes per setting (after one warm-up pass)")
     ap.add_argument("--data-dir", type=Path, default=None, help="reuse/write the JPEG tree here (default: a temp dir)")
-    ap.add_argument("--auto-augment", default=PAPER_TRAIN_AUG["auto_augment"], help="RandAugment policy of the train split")
+    ap.add_argument(
+        "--auto-augment", default=PAPER_TRAIN_AUG["auto_augment"], help="RandAugment policy of the train split"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -72,24 +74,43 @@ def main(argv: list[str] | None = None) -> dict:
             write_jpeg_tree(root, args.images)
         rows = []
         for workers in args.workers:
-            dm = ImageFolderDataModule(str(root), batch_size=args.batch_size, num_workers=workers,
-                                       img_size=args.img_size, crop_pct=0.9,
-                                       train_aug={**PAPER_TRAIN_AUG, "auto_augment": args.auto_augment})
+            dm = ImageFolderDataModule(
+                str(root),
+                batch_size=args.batch_size,
+                num_workers=workers,
+                img_size=args.img_size,
+                crop_pct=0.9,
+                train_aug={**PAPER_TRAIN_AUG, "auto_augment": args.auto_augment},
+            )
             for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
                 rates = time_loader(loader, args.passes + 1)[1:]  # first pass: warm-up (page cache, workers)
                 med = statistics.median(rates)
-                rows.append({"split": split, "workers": workers, "images_per_s": med,
-                             "images_per_s_range": [min(rates), max(rates)],
-                             "images_per_s_per_worker": med / max(workers, 1)})
-    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "cpus": os.cpu_count(), "load_average_1_5_15min_at_end": os.getloadavg(), "results": rows}
-    print(f"\nImageNet pipeline, {args.img_size}px crops from 375-500px JPEGs, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs; load average {report['load_average_1_5_15min_at_end']}")
+                rows.append(
+                    {
+                        "split": split,
+                        "workers": workers,
+                        "images_per_s": med,
+                        "images_per_s_range": [min(rates), max(rates)],
+                        "images_per_s_per_worker": med / max(workers, 1),
+                    }
+                )
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15min_at_end": os.getloadavg(),
+        "results": rows,
+    }
+    print(
+        f"\nImageNet pipeline, {args.img_size}px crops from 375-500px JPEGs, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs; load average {report['load_average_1_5_15min_at_end']}"
+    )
     print(f"{'split':<6} {'workers':>7} {'img/s':>8} {'(min-max)':>17} {'img/s/worker':>13}")
     for r in rows:
         lo, hi = r["images_per_s_range"]
-        print(f"{r['split']:<6} {r['workers']:>7} {r['images_per_s']:8.1f} {f'({lo:.1f}-{hi:.1f})':>17} "
-              f"{r['images_per_s_per_worker']:13.1f}")
+        print(
+            f"{r['split']:<6} {r['workers']:>7} {r['images_per_s']:8.1f} {f'({lo:.1f}-{hi:.1f})':>17} "
+            f"{r['images_per_s_per_worker']:13.1f}"
+        )
     write_report(report, args.json)
     return report
 

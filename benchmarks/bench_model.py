@@ -8,8 +8,8 @@ machine slows all of them alike:
 - `train`: forward, cross-entropy, backward (train mode; gradients zeroed by setting them to None);
 
 for our model (`dynamixer.models.DynaMixer`), our model under `torch.compile(fullgraph=True)` and
-with per-stage activation checkpointing when asked, and the reference (`dynamixer.models.reference`,
-SPEC §1-3 transcribed literally, same weights). It reports images/s (median over the timed repeats,
+with per-stage activation checkpointing when asked, and the reference (`tests/reference_model.py`,
+docs/paper.md sections 1-3 transcribed literally, same weights). It reports images/s (median over the timed repeats,
 and min-max), the peak memory of one training step, GMACs per image (`torch.utils.flop_counter`),
 the achieved GFLOP/s, the ratio to a square-matmul peak measured in the same run on the same device
 and dtype, and our/reference ratios. To show what limits a step, it replays the step's matrix
@@ -28,6 +28,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 import weakref
 from contextlib import nullcontext
@@ -40,9 +41,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamixer  # noqa: F401  (registers the models with timm)
-from dynamixer.models.reference import reference_from
 from dynamixer.utils.complexity import count_flops
 from reporting import write_report
+
+# the literal reference is a test oracle: it lives with the tests, not in the installable package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_model import reference_from  # noqa: E402
 
 VARIANTS = {"tiny": "dynamixer_tiny", "s": "dynamixer_s", "m": "dynamixer_m", "l": "dynamixer_l"}
 
@@ -79,7 +83,9 @@ def train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str)
     return run
 
 
-def time_interleaved(fns: dict[str, callable], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, callable], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per call of each function: `warmup` untimed calls each, then `repeats` rounds in which
     every function runs once (round-robin, so slow phases of a shared machine hit all of them)."""
     for fn in fns.values():
@@ -158,8 +164,12 @@ class GemmRecorder(TorchDispatchMode):
     """Records every matrix product (`mm`, `addmm`, `bmm`, `baddbmm`) run under it: op, operand
     shapes and dtype, after autocast's casts."""
 
-    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten.baddbmm.default}
+    OPS = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+    }
 
     def __init__(self):
         super().__init__()
@@ -195,8 +205,12 @@ def gemm_ceiling(fn: callable, device: torch.device, repeats: int = 3) -> dict:
             ts.append(time.perf_counter() - t0)
         flops += 2 * batch * m * k * n * count
         seconds += statistics.median(ts) * count
-    return {"gemm_gflop": flops / 1e9, "gemm_seconds": seconds, "gemm_gflop_s": flops / seconds / 1e9,
-            "gemm_calls": sum(recorder.calls.values())}
+    return {
+        "gemm_gflop": flops / 1e9,
+        "gemm_seconds": seconds,
+        "gemm_gflop_s": flops / seconds / 1e9,
+        "gemm_calls": sum(recorder.calls.values()),
+    }
 
 
 # -------------------------------------------------------------------------------------- running
@@ -212,16 +226,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--img-size", type=int, default=None, help="default: the variant's (224; tiny: 32)")
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16-mixed"], default=["fp32", "bf16-mixed"])
-    ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
-                    help="'on' also times our model under torch.compile(fullgraph=True)")
+    ap.add_argument(
+        "--compile",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help="'on' also times our model under torch.compile(fullgraph=True)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", nargs="+", choices=["forward", "train"], default=["forward", "train"])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference implementation")
-    ap.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"],
-                    help="'on' also times the training step of our model with per-stage activation checkpointing")
+    ap.add_argument(
+        "--grad-checkpointing",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help="'on' also times the training step of our model with per-stage activation checkpointing",
+    )
     ap.add_argument("--no-gemm", action="store_true", help="skip replaying the step's matrix products alone")
     ap.add_argument("--matmul-size", type=int, default=None, help="square matmul for the peak (cpu 2048, cuda 8192)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -240,8 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, n), "bf16-mixed": matmul_peak(device, torch.bfloat16, n)}
     ref = None if args.no_reference else reference_from(model)
-    flops = {(impl, mode): count_flops(m, tuple(x.shape), train=mode == "train")
-             for impl, m in (("our", model), ("reference", ref)) if m is not None for mode in ("forward", "train")}
+    flops = {
+        (impl, mode): count_flops(m, tuple(x.shape), train=mode == "train")
+        for impl, m in (("our", model), ("reference", ref))
+        if m is not None
+        for mode in ("forward", "train")
+    }
     gmacs = flops[("our", "forward")] / 2e9 / args.batch_size
 
     impls: dict[str, nn.Module] = {"our": model}
@@ -289,15 +317,29 @@ def main(argv: list[str] | None = None) -> dict:
         med = statistics.median(ts)
         flop = flops[("reference" if impl == "reference" else "our", mode)]
         gflops = flop / med / 1e9
-        results.append({
-            "impl": impl, "mode": mode, "precision": precision, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-            "images_per_s": args.batch_size / med, "images_per_s_range": [args.batch_size / max(ts), args.batch_size / min(ts)],
-            "peak_memory_mb": None if mem is None else mem / 2**20,
-            "gflop_per_step": flop / 1e9, "achieved_gflop_s": gflops, "peak_fraction": gflops / peaks[precision],
-            "gemm": None if gemm is None else {
-                **gemm, "peak_fraction": gemm["gemm_gflop_s"] / peaks[precision], "share_of_step": gemm["gemm_seconds"] / med,
-            },
-        })
+        results.append(
+            {
+                "impl": impl,
+                "mode": mode,
+                "precision": precision,
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "images_per_s": args.batch_size / med,
+                "images_per_s_range": [args.batch_size / max(ts), args.batch_size / min(ts)],
+                "peak_memory_mb": None if mem is None else mem / 2**20,
+                "gflop_per_step": flop / 1e9,
+                "achieved_gflop_s": gflops,
+                "peak_fraction": gflops / peaks[precision],
+                "gemm": None
+                if gemm is None
+                else {
+                    **gemm,
+                    "peak_fraction": gemm["gemm_gflop_s"] / peaks[precision],
+                    "share_of_step": gemm["gemm_seconds"] / med,
+                },
+            }
+        )
     ref_fp32 = {r["mode"]: r["images_per_s"] for r in results if r["impl"] == "reference" and r["precision"] == "fp32"}
     same = {(r["mode"], r["precision"]): r["images_per_s"] for r in results if r["impl"] == "reference"}
     eager = {(r["mode"], r["precision"]): r["images_per_s"] for r in results if r["impl"] == "our"}
@@ -307,14 +349,23 @@ def main(argv: list[str] | None = None) -> dict:
         r["vs_our_eager"] = r["images_per_s"] / eager[(r["mode"], r["precision"])] if eager else None
 
     report = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "img_size": img_size,
-                   "model_name": name},
-        "machine": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "load_average_1_5_15min_at_end": os.getloadavg()},
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "img_size": img_size,
+            "model_name": name,
+        },
+        "machine": {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average_1_5_15min_at_end": os.getloadavg(),
+        },
         "gmacs_per_image": gmacs,
-        "matmul_peak_gflop_s": peaks, "matmul_size": n,
+        "matmul_peak_gflop_s": peaks,
+        "matmul_size": n,
         "compile_seconds": compile_seconds,
         "results": results,
     }
@@ -325,15 +376,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(report: dict) -> None:
     c = report["config"]
-    print(f"\n{c['model_name']} batch {c['batch_size']} img {c['img_size']} on {report['machine']['device']} "
-          f"({report['machine']['threads']} threads, torch {report['machine']['torch']}); "
-          f"{report['gmacs_per_image']:.2f} GMACs/image; matmul peak (n={report['matmul_size']}): "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflop_s"].items())
-          + "; load average %.1f %.1f %.1f" % report["machine"]["load_average_1_5_15min_at_end"])
+    print(
+        f"\n{c['model_name']} batch {c['batch_size']} img {c['img_size']} on {report['machine']['device']} "
+        f"({report['machine']['threads']} threads, torch {report['machine']['torch']}); "
+        f"{report['gmacs_per_image']:.2f} GMACs/image; matmul peak (n={report['matmul_size']}): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflop_s"].items())
+        + "; load average {:.1f} {:.1f} {:.1f}".format(*report["machine"]["load_average_1_5_15min_at_end"])
+    )
     if report["compile_seconds"] is not None:
         print(f"torch.compile + first calls: {report['compile_seconds']:.0f} s")
-    head = (f"{'impl':<12} {'mode':<8} {'precision':<10} {'img/s':>8} {'(min-max)':>15} {'peak MB':>8} "
-            f"{'GFLOP/s':>8} {'of peak':>7} {'/ref':>6} {'/ref32':>6} {'/eager':>6}")
+    head = (
+        f"{'impl':<12} {'mode':<8} {'precision':<10} {'img/s':>8} {'(min-max)':>15} {'peak MB':>8} "
+        f"{'GFLOP/s':>8} {'of peak':>7} {'/ref':>6} {'/ref32':>6} {'/eager':>6}"
+    )
     print(head)
     print("-" * len(head))
 
@@ -342,20 +397,28 @@ def print_table(report: dict) -> None:
 
     for r in report["results"]:
         lo, hi = r["images_per_s_range"]
-        print(f"{r['impl']:<12} {r['mode']:<8} {r['precision']:<10} {r['images_per_s']:8.2f} {f'({lo:.2f}-{hi:.2f})':>15} "
-              f"{fmt(r['peak_memory_mb'], '8.0f')} {r['achieved_gflop_s']:8.1f} {r['peak_fraction']:7.1%} "
-              f"{fmt(r['vs_reference_same_precision'], '6.2f')} {fmt(r['vs_reference_fp32'], '6.2f')} "
-              f"{fmt(r['vs_our_eager'], '6.2f')}")
+        print(
+            f"{r['impl']:<12} {r['mode']:<8} {r['precision']:<10} {r['images_per_s']:8.2f} "
+            f"{f'({lo:.2f}-{hi:.2f})':>15} "
+            f"{fmt(r['peak_memory_mb'], '8.0f')} {r['achieved_gflop_s']:8.1f} {r['peak_fraction']:7.1%} "
+            f"{fmt(r['vs_reference_same_precision'], '6.2f')} {fmt(r['vs_reference_fp32'], '6.2f')} "
+            f"{fmt(r['vs_our_eager'], '6.2f')}"
+        )
     gemms = [r for r in report["results"] if r.get("gemm")]
     if gemms:
         print("\nmatrix products of each step replayed alone (same shapes and dtypes, fresh operands):")
-        head = f"{'impl':<12} {'mode':<8} {'precision':<10} {'calls':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>7} {'of step':>7}"
+        head = (
+            f"{'impl':<12} {'mode':<8} {'precision':<10} {'calls':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
+            f"{'of peak':>7} {'of step':>7}"
+        )
         print(head)
         print("-" * len(head))
         for r in gemms:
             g = r["gemm"]
-            print(f"{r['impl']:<12} {r['mode']:<8} {r['precision']:<10} {g['gemm_calls']:6d} {g['gemm_gflop']:7.1f} "
-                  f"{g['gemm_gflop_s']:8.1f} {g['peak_fraction']:7.1%} {g['share_of_step']:7.1%}")
+            print(
+                f"{r['impl']:<12} {r['mode']:<8} {r['precision']:<10} {g['gemm_calls']:6d} {g['gemm_gflop']:7.1f} "
+                f"{g['gemm_gflop_s']:8.1f} {g['peak_fraction']:7.1%} {g['share_of_step']:7.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -50,16 +50,29 @@ class StepRecorder(L.Callback):
 def train_losses(overrides: list[str], precision: str, steps: int, output_dir: Path) -> StepRecorder:
     """Train `steps` steps of the run `overrides` describe in `precision`; the recorder of its steps."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            *overrides, f"trainer.precision={precision}", "trainer.max_epochs=1", f"trainer.max_steps={steps}",
-            "trainer.limit_val_batches=0", "hardware=cpu" if not torch.cuda.is_available() else "hardware=gpu",
-            f"paths.output_dir={output_dir}",
-        ])
+        cfg = compose(
+            "train",
+            overrides=[
+                *overrides,
+                f"trainer.precision={precision}",
+                "trainer.max_epochs=1",
+                f"trainer.max_steps={steps}",
+                "trainer.limit_val_batches=0",
+                "hardware=cpu" if not torch.cuda.is_available() else "hardware=gpu",
+                f"paths.output_dir={output_dir}",
+            ],
+        )
     L.seed_everything(cfg.seed, verbose=False)
     datamodule, module = build(cfg)
     recorder = StepRecorder()
-    trainer = instantiate(cfg.trainer, callbacks=[recorder], logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=datamodule)
     if len(recorder.losses) != steps:
         raise SystemExit(f"only {len(recorder.losses)} steps ran: the training split has fewer batches than --steps")
@@ -74,12 +87,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
-    runs = {p: train_losses(args.overrides, p, args.steps, args.output_dir.resolve()) for p in ("32-true", "bf16-mixed")}
+    runs = {
+        p: train_losses(args.overrides, p, args.steps, args.output_dir.resolve()) for p in ("32-true", "bf16-mixed")
+    }
     fp32, bf16 = runs["32-true"].losses, runs["bf16-mixed"].losses
     gaps = [abs(b - f) / abs(f) for f, b in zip(fp32, bf16)]
     report = {
-        "overrides": args.overrides, "steps": args.steps,
-        "loss_fp32": fp32, "loss_bf16": bf16, "relative_gap": gaps, "max_relative_gap": max(gaps),
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "loss_fp32": fp32,
+        "loss_bf16": bf16,
+        "relative_gap": gaps,
+        "max_relative_gap": max(gaps),
         "mean_loss_relative_gap": abs(statistics.mean(bf16) - statistics.mean(fp32)) / statistics.mean(fp32),
         "logits_dtype": {p: r.logits_dtype for p, r in runs.items()},
         # the first steps include one-off warm-up work
@@ -88,8 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'step':>4} {'fp32':>9} {'bf16':>9} {'gap':>7}")
     for i, (f, b, g) in enumerate(zip(fp32, bf16, gaps)):
         print(f"{i:4d} {f:9.5f} {b:9.5f} {g:7.2%}")
-    print(f"max gap {report['max_relative_gap']:.2%}; gap of the mean loss {report['mean_loss_relative_gap']:.2%}; "
-          f"logits {report['logits_dtype']}; median step s {report['median_step_s']}")
+    print(
+        f"max gap {report['max_relative_gap']:.2%}; gap of the mean loss {report['mean_loss_relative_gap']:.2%}; "
+        f"logits {report['logits_dtype']}; median step s {report['median_step_s']}"
+    )
     write_report(report, args.json)
     return report
 

@@ -1,37 +1,28 @@
-"""Every bad input a user can give to train.py, and the clear error it gets (one test each).
+"""Every bad input a user can give to the entry points, and the clear error it gets (one test each).
 
-Each case composes the config as `python train.py <overrides>` would and runs `dynamixer.run.train`
-in-process; the error must come before any training step and name the value and the fix.
+Each case runs an entry point's `main` in process as `python train.py <overrides>` would (the command
+line, Hydra, the run layer): the error must come before any training step, alone on stderr with no
+traceback, exit status 2, and name the value and the fix. Bugs keep their traceback.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
-from PIL import Image
 
-from conftest import compose_job_config
-from dynamixer.data import DataError
 from dynamixer.run import train
+from helpers import REPO, compose_job_config, entry_point, script_env, write_image_tree
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "logger=csv", "debug=fast"]
 
 
 def run_train(tmp_path: Path, *overrides: str) -> dict:
     return train(compose_job_config([*QUIET, *overrides], tmp_path / "run"))
-
-
-def image_tree(root: Path, splits: dict[str, list[str]], per_class: int = 2) -> Path:
-    for split, classes in splits.items():
-        for wnid in classes:
-            (root / split / wnid).mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (40, 36), (40 * i, 90, 200)).save(root / split / wnid / f"{i}.JPEG")
-    return root
 
 
 def tiny_checkpoint(tmp_path: Path) -> Path:
@@ -41,65 +32,150 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 def corrupt_tree(tmp_path: Path) -> Path:
-    root = image_tree(tmp_path / "data", {"train": ["n01", "n02"], "val": ["n01", "n02"]}, per_class=4)
-    bad = root / "train" / "n02" / "0.JPEG"
+    root = write_image_tree(tmp_path / "data", ["n01", "n02"], train_per_class=4, val_per_class=4)
+    bad = root / "train" / "n02" / "n02_0000.JPEG"
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 3])
     return root
 
 
 IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
 
-# (name, overrides given the tmp path, expected error, fragments the message must hold)
-CASES: list[tuple[str, Callable[[Path], list[str]], type[BaseException], list[str]]] = [
-    ("missing data folder", lambda t: [*IMAGENET, f"data.data_dir={t / 'nowhere'}"], DataError,
-     ["nowhere", "does not exist"]),
-    ("empty data folder", lambda t: [*IMAGENET, f"data.data_dir={(t / 'empty').mkdir() or t / 'empty'}"], DataError,
-     ["train"]),
-    ("train/val classes differ",
-     lambda t: [*IMAGENET, f"data.data_dir={image_tree(t / 'd', {'train': ['n01', 'n02'], 'val': ['n01', 'n03']})}"],
-     DataError, ["n02", "n03"]),
-    ("corrupt JPEG", lambda t: [*IMAGENET, f"data.data_dir={corrupt_tree(t)}"], DataError,
-     ["0.JPEG", "skip_corrupt"]),
-    ("unknown group option", lambda t: ["model=dynamixer_xxl"], ConfigCompositionException,
-     ["dynamixer_xxl", "dynamixer_tiny"]),
-    ("unknown key", lambda t: ["trainer.max_epoch=3"], ConfigCompositionException, ["max_epoch"]),
-    ("ckpt_path that does not exist", lambda t: [f"ckpt_path={t / 'gone.ckpt'}"], FileNotFoundError,
-     ["gone.ckpt", "ckpt_path=auto"]),
-    ("checkpoint of another variant", lambda t: [f"ckpt_path={tiny_checkpoint(t)}", "model.segments=2"], ValueError,
-     ["does not fit", "'segments': [4, 8, 8, 8]", "'segments': 2", "10 classes"]),
-    ("checkpoint of another class count",
-     lambda t: [f"ckpt_path={tiny_checkpoint(t)}", *IMAGENET,
-                f"data.data_dir={image_tree(t / 'three', {'train': ['a', 'b', 'c'], 'val': ['a', 'b', 'c']})}"],
-     ValueError, ["does not fit", "with 10 classes", "with 3 classes"]),
-    ("segments that do not divide a width", lambda t: ["model.segments=6"], ValueError,
-     ["segments=6", "not divisible", "one of"]),
-    ("reduced_dim that is not positive", lambda t: ["model.reduced_dim=0"], ValueError,
-     ["reduced_dim", "positive integer"]),
-    ("per-stage list of the wrong length", lambda t: ["model.segments=[4,8]"], ValueError,
-     ["4 stages"]),
-    ("image size the model is not built for", lambda t: ["data.img_size=64"], ValueError,
-     ["data.img_size=64", "32x32", "model.img_size"]),
-    ("image size the patch cannot divide", lambda t: ["model.img_size=30"], ValueError,
-     ["img_size=(30, 30)", "patch_size=4"]),
-    ("GPUs this machine does not have", lambda t: ["trainer.devices=8"], RuntimeError,
-     ["8 GPU(s)", "hardware=cpu"]),
+# (name, overrides given the tmp path, fragments the message must hold)
+CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
+    ("missing data folder", lambda t: [*IMAGENET, f"data.data_dir={t / 'nowhere'}"], ["nowhere", "does not exist"]),
+    ("empty data folder", lambda t: [*IMAGENET, f"data.data_dir={(t / 'empty').mkdir() or t / 'empty'}"], ["train"]),
+    (
+        "train/val classes differ",
+        lambda t: [*IMAGENET, f"data.data_dir={write_image_tree(t / 'd', ['n01', 'n02'], val_classes=['n01', 'n03'])}"],
+        ["n02", "n03"],
+    ),
+    ("corrupt JPEG", lambda t: [*IMAGENET, f"data.data_dir={corrupt_tree(t)}"], ["n02_0000.JPEG", "skip_corrupt"]),
+    (
+        "corrupt JPEG read by a loader worker",
+        lambda t: ["data=imagenet", "data.num_workers=1", "data.batch_size=2", f"data.data_dir={corrupt_tree(t)}"],
+        ["cannot read image", "n02_0000.JPEG", "skip_corrupt"],
+    ),
+    ("unknown group option", lambda t: ["model=dynamixer_xxl"], ["dynamixer_xxl", "dynamixer_tiny"]),
+    ("unknown key", lambda t: ["trainer.max_epoch=3"], ["max_epoch"]),
+    ("ckpt_path that does not exist", lambda t: [f"ckpt_path={t / 'gone.ckpt'}"], ["gone.ckpt", "ckpt_path=auto"]),
+    (
+        "checkpoint of another variant",
+        lambda t: [f"ckpt_path={tiny_checkpoint(t)}", "model.segments=2"],
+        [
+            "does not fit",
+            "checkpoint: {'model_name': 'dynamixer_tiny', 'img_size': 32} with 10 classes",
+            "this run:   {'model_name': 'dynamixer_tiny', 'img_size': 32, 'segments': 2}",
+        ],
+    ),
+    (
+        "checkpoint of another class count",
+        lambda t: [
+            f"ckpt_path={tiny_checkpoint(t)}",
+            *IMAGENET,
+            f"data.data_dir={write_image_tree(t / 'three', ['a', 'b', 'c'])}",
+        ],
+        ["does not fit", "with 10 classes", "with 3 classes"],
+    ),
+    ("segments that do not divide a width", lambda t: ["model.segments=6"], ["segments=6", "not divisible", "one of"]),
+    ("reduced_dim that is not positive", lambda t: ["model.reduced_dim=0"], ["reduced_dim", "positive integer"]),
+    ("per-stage list of the wrong length", lambda t: ["model.segments=[4,8]"], ["4 stages"]),
+    (
+        "image size the model is not built for",
+        lambda t: ["data.img_size=64"],
+        ["data.img_size=64", "32x32", "model.img_size"],
+    ),
+    ("image size the patch cannot divide", lambda t: ["model.img_size=30"], ["img_size=(30, 30)", "patch_size=4"]),
+    ("GPUs this machine does not have", lambda t: ["trainer.devices=8"], ["8 GPU(s)", "hardware=cpu"]),
 ]
 
 
-@pytest.mark.parametrize("name,overrides,error,fragments", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_a_clear_error(name, overrides, error, fragments, tmp_path: Path, monkeypatch) -> None:
+def run_entry_point(script: str, args: list[str], cwd: Path, monkeypatch) -> None:
+    """Run `python <script> *args` in process in `cwd`; it must exit with status 2."""
+    main = entry_point(script).main
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("DYNAMIXER_TRACES_ASKED", raising=False)
+    from dynamixer.run.cli import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("name,overrides,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_message_and_exit_2(
+    name, overrides, fragments, tmp_path: Path, monkeypatch, capfd
+) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    args = overrides(tmp_path)
-    with pytest.raises(error) as err:
-        run_train(tmp_path, *args)
-    message = str(err.value)
+    args = [*QUIET, *overrides(tmp_path), "run_name=bad"]
+    capfd.readouterr()
+    run_entry_point("train.py", args, tmp_path, monkeypatch)
+    message = capfd.readouterr().err
+    assert message.startswith("Error: ") and "Traceback" not in message, message
     for fragment in fragments:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
-    assert not (tmp_path / "run" / "results.json").exists()  # failed before it trained
+    assert not (tmp_path / "logs" / "train" / "runs" / "bad" / "results.json").exists()  # failed before it trained
+
+
+@pytest.mark.parametrize(
+    "script,args,fragments",
+    [
+        ("test.py", [], ["ckpt_path", "ckpt_path=..."]),
+        ("test.py", ["ckpt_path=gone.ckpt"], ["ckpt_path=gone.ckpt does not exist"]),
+        ("predict.py", ["ckpt_path=gone.ckpt", "inputs=x.png"], ["ckpt_path=gone.ckpt does not exist"]),
+    ],
+)
+def test_evaluation_entry_points_report_bad_input_the_same_way(
+    script, args, fragments, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    capfd.readouterr()
+    run_entry_point(script, args, tmp_path, monkeypatch)
+    message = capfd.readouterr().err
+    assert message.startswith("Error: ") and "Traceback" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
+    """Anything that is not the user's to fix propagates as it is (Python prints its traceback)."""
+    import dynamixer.run.training as training
+
+    def broken(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(training, "_train", broken)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *QUIET])
+    monkeypatch.delenv("DYNAMIXER_TRACES_ASKED", raising=False)
+    from dynamixer.run.cli import run_main
+
+    with pytest.raises(KeyError, match="a bug"):
+        run_main(entry_point("train.py").main)
+
+
+@pytest.mark.slow
+def test_the_script_prints_the_message_alone_and_the_trace_on_request(tmp_path: Path) -> None:
+    """As a user runs it: `python train.py model=dynamixer_s trainer.devices=8` on a machine without GPUs."""
+    command = [sys.executable, str(REPO / "train.py"), "model=dynamixer_s", "trainer.devices=8"]
+    env = {**script_env(), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("Error: trainer.devices=8") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    full = subprocess.run(
+        command, cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode != 0 and "Traceback" in full.stderr and "HardwareError" in full.stderr
 
 
 def test_corrupt_jpeg_is_skipped_and_counted_when_asked(tmp_path: Path) -> None:
-    results = run_train(tmp_path, *IMAGENET, f"data.data_dir={corrupt_tree(tmp_path)}", "data.skip_corrupt=true",
-                        "trainer.limit_train_batches=4")
+    results = run_train(
+        tmp_path,
+        *IMAGENET,
+        f"data.data_dir={corrupt_tree(tmp_path)}",
+        "data.skip_corrupt=true",
+        "trainer.limit_train_batches=4",
+    )
     assert results["status"] == "finished"
-    assert results["data"]["corrupt_files"] == [str(tmp_path / "data" / "train" / "n02" / "0.JPEG")]
+    assert results["data"]["corrupt_files"] == [str(tmp_path / "data" / "train" / "n02" / "n02_0000.JPEG")]

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_script
+import pytest
+
+from helpers import run_script
+
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
 
 
 def test_bf16_mixed_training_follows_fp32_on_digits(tmp_path):
     out = tmp_path / "precision.json"
-    run_script("benchmarks/bench_precision.py", ["--steps", "20", "--output-dir", tmp_path / "run", "--json", out],
-               cwd=tmp_path)
+    run_script(
+        "benchmarks/bench_precision.py",
+        ["--steps", "20", "--output-dir", tmp_path / "run", "--json", out],
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report["logits_dtype"] == {"32-true": "torch.float32", "bf16-mixed": "torch.bfloat16"}
     assert len(report["loss_fp32"]) == len(report["loss_bf16"]) == 20
@@ -23,8 +30,9 @@ def test_model_benchmark_reports_every_impl_mode_and_precision(tmp_path):
     run_script("benchmarks/bench_model.py", ["--model", "tiny", "--repeats", "1", "--json", out], cwd=tmp_path)
     report = json.loads(out.read_text())
     rows = {(r["impl"], r["mode"], r["precision"]): r for r in report["results"]}
-    assert set(rows) == {(i, m, p) for i in ("our", "reference") for m in ("forward", "train")
-                         for p in ("fp32", "bf16-mixed")}
+    assert set(rows) == {
+        (i, m, p) for i in ("our", "reference") for m in ("forward", "train") for p in ("fp32", "bf16-mixed")
+    }
     assert report["gmacs_per_image"] > 0 and all(v > 0 for v in report["matmul_peak_gflop_s"].values())
     for key, r in rows.items():  # timings vary with the machine's load: only their presence is checked
         assert r["images_per_s"] > 0 and r["peak_fraction"] > 0, key

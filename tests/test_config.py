@@ -11,11 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from conftest import compose_train_config, write_image_tree
 from dynamixer.data import ImageFolderDataModule
 from dynamixer.utils.launch import HardwareError, check_devices
+from helpers import CONF_DIR, compose_train_config, write_image_tree
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     for group in ("model", "data", "optimizer", "scheduler", "trainer", "hardware", "logger", "callbacks", "debug")
@@ -93,7 +93,7 @@ def test_eight_gpus_compose_and_fail_clearly_without_gpus(monkeypatch: pytest.Mo
     check_devices(compose_train("hardware=cpu", "trainer.devices=2").trainer)  # CPU DDP is asked for explicitly
 
 
-# SPEC §4, per variant: batch per GPU, drop path, crop pct.
+# docs/paper.md section 4, per variant: batch per GPU, drop path, crop pct.
 PAPER = {"s": (256, 0.1, 0.9), "m": (128, 0.1, 0.9), "l": (64, 0.3, 0.875)}
 
 
@@ -149,11 +149,34 @@ def test_imagenet_experiments_hold_the_paper_recipe(variant: str, tmp_path: Path
     assert (datamodule.mean, datamodule.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
+# docs/paper.md section 3: segments and reduced dims per stage, parameters with 1000 classes
+ARCHITECTURE = {
+    "s": ([8, 16, 16, 16], [2, 2, 2, 2], 26_265_960),
+    "m": ([8, 8, 16, 16], [2, 2, 2, 2], 57_128_264),
+    "l": ([8, 16, 16, 16], [8, 8, 8, 8], 97_818_088),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ARCHITECTURE))
+def test_model_configs_build_the_paper_variants(variant: str) -> None:
+    """The model configs leave the architecture to the registry; what they build is the paper's."""
+    cfg = compose_train(f"model=dynamixer_{variant}")
+    model = instantiate(cfg.model, num_classes=1000, _convert_="all")
+    segments, reduced_dim, params = ARCHITECTURE[variant]
+    ops = [stage.blocks[0].token_mixer.mix_w for stage in model.stages]
+    assert [op.segments for op in ops] == segments and [op.reduced_dim for op in ops] == reduced_dim
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
 def test_paper_mixup_instantiates_as_configured() -> None:
     cfg = compose_train("module/mixup=paper")
     mixup = instantiate(cfg.module.mixup)(num_classes=10)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode) == (
-        0.8, 1.0, 1.0, 0.5, "batch"
+        0.8,
+        1.0,
+        1.0,
+        0.5,
+        "batch",
     )
     assert mixup.label_smoothing == cfg.module.label_smoothing
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import unicodedata
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from timm.data.auto_augment import AugmentOp, RandAugment
 
-from dynamixer.data import DataError, DigitsDataModule, ImageFolderDataModule, build_transform
+from dynamixer.data import DataError, DigitsDataModule, ImageFolderDataModule, build_transform, load_rgb
+from dynamixer.errors import UserError
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 EVAL_KW = dict(crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -198,3 +202,175 @@ def test_paper_randaugment_policy_survives_its_strongest_posterize():
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
     out = op(Image.new("RGB", (40, 36), (120, 30, 200)))
     assert out.size == (40, 36) and out.getpixel((0, 0)) == (0, 0, 0)  # 0 bits kept: black
+
+
+# --- bad images and folders ---------------------------------------------------------
+
+
+def test_data_error_is_a_user_error_and_a_value_error():
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_load_rgb_applies_exif_orientation(tmp_path, orientation):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[...] = (0, 0, 255)
+    pixels[:10, :10] = (255, 0, 0)  # red top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    img = load_rgb(str(path))
+    assert img.mode == "RGB" and img.size == (20, 40)
+    # 6: shown rotated 90 degrees clockwise, the corner lands top-right; 8: counter-clockwise, bottom-left
+    corner = (15, 5) if orientation == 6 else (5, 35)
+    other = (5, 5) if orientation == 6 else (15, 35)
+    assert img.getpixel(corner)[0] > 200 and img.getpixel(corner)[2] < 60
+    assert img.getpixel(other)[0] < 60 and img.getpixel(other)[2] > 200
+
+
+@pytest.mark.parametrize("save", ["I;16 png", "I;16B tiff", "I tiff"])
+def test_load_rgb_scales_16_bit_greyscale(tmp_path, save):
+    values = np.array([[0, 16448, 32768, 65535]] * 2, dtype=np.uint16)
+    if save == "I;16 png":
+        img, path = Image.fromarray(values), tmp_path / "grey.png"
+    elif save == "I;16B tiff":
+        img, path = Image.frombytes("I;16B", (4, 2), values.astype(">u2").tobytes()), tmp_path / "grey.tif"
+    else:
+        img, path = Image.fromarray(values.astype(np.int32)), tmp_path / "grey.tif"
+    img.save(path)
+    assert Image.open(path).mode == save.split()[0]
+    out = np.asarray(load_rgb(str(path)))
+    assert out.shape == (2, 4, 3)
+    assert out[0, :, 0].tolist() == [0, 64, 128, 255] and (out == out[..., :1]).all()
+
+
+def test_load_rgb_composites_transparency_over_white(tmp_path):
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "rgba.png")
+    img = load_rgb(str(tmp_path / "rgba.png"))
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (255, 0, 0)
+
+    la = Image.new("LA", (1, 1), (0, 0))
+    la.save(tmp_path / "la.png")
+    assert load_rgb(str(tmp_path / "la.png")).getpixel((0, 0)) == (255, 255, 255)
+
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 0, 0, 0, 0, 0])
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "pal.png", transparency=1)
+    img = load_rgb(str(tmp_path / "pal.png"))
+    assert img.getpixel((0, 0)) == (255, 0, 0) and img.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_load_rgb_names_the_unreadable_file(tmp_path):
+    path = tmp_path / "junk.JPEG"
+    path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="skip_corrupt") as err:
+        load_rgb(str(path))
+    assert str(path) in str(err.value)
+
+
+@pytest.fixture
+def bomb(tree, monkeypatch) -> Path:
+    """A 200x200 val image while Pillow's limit is lowered to 10000 pixels (it refuses over 20000)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
+    _write_jpeg(path, seed=99, size=(200, 200))
+    return path
+
+
+def test_decompression_bomb_raises_with_the_fix(tree, bomb):
+    with pytest.raises(DataError) as err:
+        load_rgb(str(bomb))
+    msg = str(err.value)
+    assert str(bomb) in msg and "40000" in msg and "MAX_IMAGE_PIXELS" in msg
+    assert "Resize" in msg and "delete" in msg and "skip_corrupt" in msg
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32)
+    dm.setup()
+    with pytest.raises(DataError, match="MAX_IMAGE_PIXELS"):
+        dm.val_set[0]
+
+
+def test_decompression_bomb_skipped_and_counted(tree, bomb):
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32, skip_corrupt=True)
+    with pytest.warns(UserWarning, match=str(bomb)):
+        ys = torch.cat([y for _, y in dm.val_dataloader()])
+    assert ys.tolist() == [0, 0, 1, 1, 2, 2]
+    assert dm.corrupt_files == [str(bomb)]
+
+
+def test_symlink_loop_is_listed_once_and_other_links_followed(tmp_path, tree):
+    os.symlink(tree / "train" / WNIDS[0], tree / "train" / WNIDS[0] / "loop")
+    _write_jpeg(tmp_path / "extra" / "more.JPEG", seed=50)
+    os.symlink(tmp_path / "extra", tree / "train" / WNIDS[1] / "extra")
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32)
+    dm.setup()
+    paths = [p for p, _ in dm.train_set.samples]
+    assert len({os.path.realpath(p) for p in paths}) == len(paths) == 13
+    assert dm.train_set.targets == [0] * 4 + [1] * 5 + [2] * 4
+    assert str(tree / "train" / WNIDS[1] / "extra" / "more.JPEG") in paths
+
+
+def test_class_folder_with_only_a_symlink_loop_holds_no_images(tree):
+    for image in (tree / "val" / WNIDS[2]).iterdir():
+        image.unlink()
+    os.symlink(tree / "val" / WNIDS[2], tree / "val" / WNIDS[2] / "loop")
+    with pytest.raises(DataError, match="hold no images") as err:
+        ImageFolderDataModule(str(tree))
+    assert WNIDS[2] in str(err.value)
+
+
+def test_class_names_match_across_unicode_normal_forms(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    root = _make_tree(tmp_path / "d", splits=(("train", ["bee", nfc], 2), ("val", ["bee", nfd], 1)))
+    dm = ImageFolderDataModule(str(root), batch_size=2, num_workers=0, img_size=32)
+    assert dm.class_names == ["bee", nfc]
+    dm.setup()
+    assert dm.train_set.targets == [0, 0, 1, 1] and dm.val_set.targets == [0, 1]
+    assert dm.val_set.samples[1][0].startswith(str(root / "val" / nfd))
+    ys = torch.cat([y for _, y in dm.val_dataloader()])
+    assert ys.tolist() == [0, 1]
+
+
+def test_class_folders_equal_after_normalisation_in_one_split(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = _make_tree(tmp_path / "d", splits=(("train", [nfc, nfd], 1), ("val", [nfc], 1)))
+    with pytest.raises(DataError, match="Unicode") as err:
+        ImageFolderDataModule(str(root))
+    assert ascii(nfc) in str(err.value) and ascii(nfd) in str(err.value)
+    assert str(root / "train") in str(err.value)
+
+
+@pytest.fixture
+def many_corrupt(tree, truncated) -> list[Path]:
+    """The truncated val image and 22 junk train images: 23 of 40 files are unreadable."""
+    junk = [tree / "train" / WNIDS[2] / f"junk_{i:02d}.JPEG" for i in range(22)]
+    for path in junk:
+        path.write_bytes(b"not an image")
+    return [truncated, *junk]
+
+
+def test_verify_lists_all_unreadable_files_at_setup(tree, many_corrupt):
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=2, img_size=32, verify=True)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    msg = str(err.value)
+    assert "23 of 40" in msg and "and 3 more" in msg and "skip_corrupt" in msg
+    listed = [line.strip().split(": ")[0] for line in msg.splitlines() if line.startswith(f"  {tree}")]
+    assert listed == [str(p) for p in many_corrupt[1:21]]  # the first 20 in listing order: train before val
+
+
+def test_verify_with_skip_corrupt_drops_unreadable_files_up_front(tree, many_corrupt):
+    dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32, verify=True, skip_corrupt=True)
+    with pytest.warns(UserWarning, match="23 unreadable"):
+        dm.setup()
+    assert dm.corrupt_files == sorted(map(str, many_corrupt))
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 5 and dm.val_set.targets == [0, 1, 1, 2, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = torch.cat([y for _, y in dm.val_dataloader()])
+    assert ys.tolist() == [0, 1, 1, 2, 2] and dm.corrupt_count == 23

@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dynamixer.sweep import collect, summarize, swept_keys
+from helpers import run_script
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
+
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
-
-
-def run(script: str, *args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tmp_path: Path) -> None:
     """Two CPU processes per job (DDP over gloo); the middle job's segments do not divide the width."""
-    proc = run(
-        "train.py", "-m", "model.segments=4,5,8", "hardware=cpu", "trainer.devices=2", "debug=fast",
-        "trainer.limit_val_batches=1.0", "run_name=sweep", *QUIET, cwd=tmp_path,
+    proc = run_script(
+        "train.py",
+        [
+            "-m",
+            "model.segments=4,5,8",
+            "hardware=cpu",
+            "trainer.devices=2",
+            "debug=fast",
+            "trainer.limit_val_batches=1.0",
+            "run_name=sweep",
+            *QUIET,
+        ],
+        tmp_path,
     )
     sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())  # named <num>_<overrides>
@@ -56,7 +59,7 @@ def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tm
     # metrics were synced over both ranks: one process evaluating the same weights on the whole val
     # split gives the same top-1 as the 2-process run reported
     job = sweep / jobs[0]
-    evaluation = run("test.py", f"ckpt_path={job / 'checkpoints' / 'last.ckpt'}", "weights=raw", cwd=tmp_path)
+    evaluation = run_script("test.py", [f"ckpt_path={job / 'checkpoints' / 'last.ckpt'}", "weights=raw"], tmp_path)
     eval_json = next((tmp_path / "logs" / "test" / "runs").glob("*/eval.json"))
     single = json.loads(eval_json.read_text())["metrics"]["val/acc1"]
     assert abs(single - good[0]["final"]["val/acc1"]) < 1e-6, evaluation.stdout

@@ -7,38 +7,30 @@ import io
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import finish, read_checkpoint, start_script, wait_for
+
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
+
 STEPS_PER_EPOCH = 6
 # deterministic CPU kernels, 6 steps an epoch, a step logged every step
-RUN = ["trainer.deterministic=true", f"trainer.limit_train_batches={STEPS_PER_EPOCH}", "trainer.log_every_n_steps=1",
-       "scheduler.warmup_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+RUN = [
+    "trainer.deterministic=true",
+    f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_epochs=1",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+]
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == expect, out[-4000:]
-    return out
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.2)
+    return start_script("train.py", [*RUN, *args], cwd)
 
 
 def results(run_dir: Path) -> dict:
@@ -47,7 +39,7 @@ def results(run_dir: Path) -> dict:
 
 def saved_step(path: Path) -> int:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+        return read_checkpoint(path)["global_step"]
     except Exception:  # not there yet, or being replaced right now
         return -1
 
@@ -76,7 +68,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
 
 
 def resumed_history(run_dir: Path) -> list[dict]:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 

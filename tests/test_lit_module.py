@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.schedules import cosine_with_warmup
-
-from conftest import compose_train_config
+from helpers import compose_train_config
 
 NUM_CLASSES = 5
 IMG = 8
@@ -202,7 +201,12 @@ def test_paper_mixup_config_builds_soft_target_loss_with_smoothing():
     cfg = compose_train_config(["module/mixup=paper"])
     mixup = instantiate(cfg.module.mixup)(num_classes=NUM_CLASSES)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode) == (
-        0.8, 1.0, 1.0, 0.5, "batch")
+        0.8,
+        1.0,
+        1.0,
+        0.5,
+        "batch",
+    )
     assert mixup.label_smoothing == cfg.module.label_smoothing == 0.1
     module = make_module(mixup=instantiate(cfg.module.mixup), label_smoothing=cfg.module.label_smoothing)
     assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
@@ -297,10 +301,19 @@ def schedule_lrs(base_lr: float, total_steps: int, **kwargs) -> list[float]:
 
 
 def test_cosine_with_warmup_follows_the_papers_curve():
-    # the paper's shape (SPEC §4): 20 warm-up epochs from 1e-6, cosine to 1e-5 at epoch 300, 10 cool-down epochs
+    # the paper's shape (docs/paper.md, section 4): 20 warm-up epochs from 1e-6, cosine to 1e-5 at epoch 300,
+    # 10 cool-down epochs
     base, warmup_lr, min_lr, spe = 2e-3, 1e-6, 1e-5, 5
-    lrs = schedule_lrs(base, 310 * spe, steps_per_epoch=spe, max_epochs=310, warmup_epochs=20,
-                       cooldown_epochs=10, warmup_lr=warmup_lr, min_lr=min_lr)
+    lrs = schedule_lrs(
+        base,
+        310 * spe,
+        steps_per_epoch=spe,
+        max_epochs=310,
+        warmup_epochs=20,
+        cooldown_epochs=10,
+        warmup_lr=warmup_lr,
+        min_lr=min_lr,
+    )
     warm, cos_end = 20 * spe, 300 * spe
     assert lrs[0] == pytest.approx(warmup_lr, rel=1e-12)
     # linear warm-up from warmup_lr that reaches the base lr at its end
@@ -314,7 +327,7 @@ def test_cosine_with_warmup_follows_the_papers_curve():
         expected = min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / cos_end))
         assert lrs[t] == pytest.approx(expected, rel=1e-9)
     assert lrs[cos_end // 2] == pytest.approx((base + min_lr) / 2, rel=1e-6)
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
     # end of the cosine and the whole cool-down: min_lr
     assert all(lr == pytest.approx(min_lr, rel=1e-12) for lr in lrs[cos_end:])
 
@@ -343,7 +356,8 @@ def test_module_steps_the_schedule_after_every_optimizer_step(tmp_path):
     record = RecordLR()
     # 10 batches in the loader, 8 used per epoch: steps per epoch come from the limited count
     trainer(tmp_path, [record], max_epochs=epochs, limit_train_batches=spe, limit_val_batches=0).fit(
-        module, train_dataloaders=loader(10))
+        module, train_dataloaders=loader(10)
+    )
 
     total = spe * epochs
     assert record.steps == list(range(total))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,20 +12,20 @@ import torch
 
 import dynamixer  # noqa: F401  (registers the timm models)
 from dynamixer import load_release_checkpoint
-from dynamixer.models import DynaMixer, DynaMixerBlock, DynaMixerOp, model_kwargs_from_release
-from dynamixer.models.reference import ReferenceDynaMixer, reference_from, reference_key_map
+from dynamixer.models import DynaMixer, DynaMixerOp, DynaMixerTokenMixer, model_kwargs_from_release
+from helpers import REFERENCE_DIR as REFERENCE
+from reference_model import ReferenceDynaMixer, reference_from, reference_key_map
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 EXPECTED_PARAMS = {"dynamixer_s": 26_265_960, "dynamixer_m": 57_128_264, "dynamixer_l": 97_818_088}
 
 
 # ----------------------------------------------------------------------------------------- helpers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def release_shapes() -> dict:
     return json.loads((REFERENCE / "dynamixer_state_dict_shapes.json").read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def variant(name: str) -> DynaMixer:
     """The 1000-class model of a paper variant (built once per test session)."""
     return timm.create_model(name)
@@ -127,7 +126,7 @@ def test_checkpoint_with_another_class_count_is_rejected_with_key_names():
 
 
 def test_tiny_parity_with_release_logits():
-    ref = torch.load(REFERENCE / "tiny_parity.pt", weights_only=False)
+    ref = torch.load(REFERENCE / "tiny_parity.pt", weights_only=True)
     model = DynaMixer(**model_kwargs_from_release(ref["config"]))
     load_release_checkpoint(model, ref["state_dict"])
     model.eval()
@@ -276,7 +275,7 @@ def test_mixing_is_dynamic_not_a_static_matrix():
 
 def test_block_explain_shapes_and_consistency():
     torch.manual_seed(0)
-    block = randomize_(DynaMixerBlock(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
+    block = randomize_(DynaMixerTokenMixer(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
     x = torch.randn(2, 4, 6, 16)
     info = block.explain(x)
     assert info["mix_h"].shape == (2, 6, 4, 4, 4)  # (B, W columns, S, H, H)
@@ -288,7 +287,7 @@ def test_block_explain_shapes_and_consistency():
     assert torch.allclose(info["mix_h"], block.mix_h.mixing_matrices(x.transpose(1, 2)))
     other = block.explain(torch.randn(2, 4, 6, 16))
     assert not torch.allclose(info["mix_w"], other["mix_w"], atol=1e-3)
-    assert "branch_weights" not in DynaMixerBlock(16, (4, 6), 4, 2, fusion="sum").explain(x)
+    assert "branch_weights" not in DynaMixerTokenMixer(16, (4, 6), 4, 2, fusion="sum").explain(x)
 
 
 def test_model_explain_per_layer():
@@ -319,7 +318,7 @@ ORACLE_CASES = {
     "tiny-sum": ("dynamixer_tiny", {"fusion": "sum"}),
     "tiny-per-stage": (
         "dynamixer_tiny",
-        {"segments": [2, 4, 8, 16], "reduced_dim": [1, 2, 3, 4], "mlp_ratio": [2, 3, 4, 1.5], "qkv_bias": True},
+        {"segments": [2, 4, 8, 16], "reduced_dim": [1, 2, 3, 4], "mlp_ratio": [2, 3, 4, 1.5], "channel_bias": True},
     ),
     "s-56": ("dynamixer_s", {"img_size": 56, "num_classes": 7}),
     "m-56": ("dynamixer_m", {"img_size": 56, "num_classes": 7}),
@@ -392,7 +391,7 @@ def test_matches_reference_with_stochastic_depth_and_dropout_same_seed():
 
 
 def test_reference_from_release_parity_config():
-    ref_data = torch.load(REFERENCE / "tiny_parity.pt", weights_only=False)
+    ref_data = torch.load(REFERENCE / "tiny_parity.pt", weights_only=True)
     model = DynaMixer(**model_kwargs_from_release(ref_data["config"]))
     load_release_checkpoint(model, ref_data["state_dict"])
     model.eval()
@@ -495,7 +494,7 @@ def test_bf16_autocast_stays_close_to_fp32_and_keeps_normalised_matrices():
 
 def test_block_branches_match_reference_block():
     torch.manual_seed(0)
-    block = randomize_(DynaMixerBlock(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
+    block = randomize_(DynaMixerTokenMixer(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
     x = torch.randn(2, 4, 6, 16)
     h, w, c = block.branches(x)
     # the column op is the row op applied to the transposed grid

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 MIXING = NOTEBOOKS / "mixing_matrices.ipynb"
 SWEEP = NOTEBOOKS / "ablation_sweep.ipynb"
@@ -42,13 +45,13 @@ def kernel_name() -> str:
         return "python3"
 
 
-def parameter_cell(nb) -> "nbformat.NotebookNode":
+def parameter_cell(nb) -> nbformat.NotebookNode:
     cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 1, "a notebook needs exactly one code cell tagged `parameters`"
     return cells[0]
 
 
-def execute(path: Path, tmp_path: Path, kernel: str, **parameters) -> "nbformat.NotebookNode":
+def execute(path: Path, tmp_path: Path, kernel: str, **parameters) -> nbformat.NotebookNode:
     """Run a copy of `path` with `parameters` appended to its parameter cell; write it to tmp_path; return it."""
     nb = nbformat.read(path, as_version=4)
     cell = parameter_cell(nb)
@@ -66,8 +69,13 @@ def execute(path: Path, tmp_path: Path, kernel: str, **parameters) -> "nbformat.
 
 
 def outputs(nb, output_type: str | None = None) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if output_type is None or o.output_type == output_type]
+    return [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if output_type is None or o.output_type == output_type
+    ]
 
 
 def errors(nb) -> list[str]:

@@ -14,8 +14,9 @@ from PIL import Image
 
 from dynamixer.data import DigitsDataModule
 from dynamixer.run import load_model
+from helpers import QUIET_TRAIN, run_dir, run_script
 
-from conftest import QUIET_TRAIN, run_dir, run_script
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
 
 NUM_IMAGES = 6
 TOP_K = 5  # predict.yaml's default
@@ -35,8 +36,14 @@ def checkpoint(workdir) -> Path:
     """A dynamixer_tiny checkpoint trained for a few steps (2 short epochs) on the digits."""
     run_script(
         "train.py",
-        [*QUIET_TRAIN, "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
-         "scheduler.warmup_epochs=0", "run_name=tiny"],
+        [
+            *QUIET_TRAIN,
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=8",
+            "trainer.limit_val_batches=1",
+            "scheduler.warmup_epochs=0",
+            "run_name=tiny",
+        ],
         cwd=workdir,
     )
     results = json.loads((run_dir(workdir, "tiny") / "results.json").read_text())
@@ -65,8 +72,13 @@ def digits(workdir) -> tuple[Path, list[Path], list[int]]:
 
 
 def predict(workdir: Path, ckpt: Path | str, inputs: Path | str, run_name: str, check: bool = True):
-    return run_script("predict.py", [f"ckpt_path={ckpt}", f"inputs={inputs}", f"run_name={run_name}"],
-                      cwd=workdir, check=check, timeout=300)
+    return run_script(
+        "predict.py",
+        [f"ckpt_path={ckpt}", f"inputs={inputs}", f"run_name={run_name}"],
+        cwd=workdir,
+        check=check,
+        timeout=300,
+    )
 
 
 def printed_predictions(stdout: str) -> list[tuple[str, list[tuple[str, float]]]]:
@@ -133,8 +145,9 @@ def test_predict_a_folder_prints_and_writes_the_top5_of_every_image(workdir, che
     for p, row in zip(predictions, probs):
         top1 = p["top"][0]
         assert top1["index"] == int(row.argmax()) or row.max() - row[top1["index"]] < 1e-6  # (a tie at most)
-        assert [t["prob"] for t in p["top"]] == pytest.approx(row.sort(descending=True).values[:TOP_K].tolist(),
-                                                              abs=1e-5)
+        assert [t["prob"] for t in p["top"]] == pytest.approx(
+            row.sort(descending=True).values[:TOP_K].tolist(), abs=1e-5
+        )
 
 
 def test_predict_one_file(workdir, checkpoint, digits):

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import wandb
 
-from conftest import compose_job_config
 from dynamixer.run import train
 from dynamixer.utils.tracking import wandb_api_key_configured
+from helpers import compose_job_config
+
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
 
 
 @pytest.fixture
@@ -34,8 +36,14 @@ def test_wandb_run_offline_holds_config_and_metrics(
     no_wandb_login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = compose_job_config(
-        ["logger=wandb", "debug=fast", "logger.wandb.tags=[ablation]", "logger.wandb.group=g1",
-         "callbacks.progress_bar=null", "callbacks.model_summary=null"],
+        [
+            "logger=wandb",
+            "debug=fast",
+            "logger.wandb.tags=[ablation]",
+            "logger.wandb.group=g1",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+        ],
         tmp_path / "run",
     )
 
@@ -43,8 +51,15 @@ def test_wandb_run_offline_holds_config_and_metrics(
     finish = wandb.sdk.wandb_run.Run.finish
 
     def record_then_finish(run, *args, **kwargs):  # what the run holds just before it closes
-        seen.update(config=dict(run.config), summary=dict(run.summary), offline=run.offline,
-                    tags=run.tags, group=run.group, dir=Path(run.dir).parent, id=run.id)
+        seen.update(
+            config=dict(run.config),
+            summary=dict(run.summary),
+            offline=run.offline,
+            tags=run.tags,
+            group=run.group,
+            dir=Path(run.dir).parent,
+            id=run.id,
+        )
         return finish(run, *args, **kwargs)
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", record_then_finish)

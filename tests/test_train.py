@@ -18,8 +18,7 @@ from omegaconf import OmegaConf
 
 from dynamixer.callbacks import MetricsHistory
 from dynamixer.run import build
-
-from conftest import (
+from helpers import (
     QUIET_TEST,
     QUIET_TRAIN,
     compose_train_config,
@@ -29,6 +28,8 @@ from conftest import (
     script_env,
 )
 
+pytestmark = pytest.mark.slow  # trains models or runs the scripts
+
 DIGITS_TRAIN = 1437  # digits: 1,797 images, 20% held out
 
 # dynamixer_tiny on digits to >= 95% val top-1 in ~50 s on 2 quiet cores: more, smaller steps, a shorter
@@ -37,8 +38,12 @@ DIGITS_TRAIN = 1437  # digits: 1,797 images, 20% held out
 # comparison, 15 epochs of the default recipe at lr 3e-3 gave 0.956 / 0.981 / 0.961: too little margin.
 E2E_EPOCHS, E2E_BATCH = 14, 32
 E2E = [
-    f"trainer.max_epochs={E2E_EPOCHS}", f"data.batch_size={E2E_BATCH}", "optimizer.lr=2e-3",
-    "scheduler.warmup_epochs=1", "data.train_aug.scale=[0.85,1.0]", "module.label_smoothing=0",
+    f"trainer.max_epochs={E2E_EPOCHS}",
+    f"data.batch_size={E2E_BATCH}",
+    "optimizer.lr=2e-3",
+    "scheduler.warmup_epochs=1",
+    "data.train_aug.scale=[0.85,1.0]",
+    "module.label_smoothing=0",
 ]
 
 
@@ -78,7 +83,8 @@ def test_train_digits_reaches_95_and_test_py_reproduces_the_best_checkpoint(tmp_
 
     for weights, key in (("raw", "val/acc1"), ("ema", "val/ema_acc1")):
         proc = run_script(
-            "test.py", [*QUIET_TEST, f"ckpt_path={best_ckpt}", f"weights={weights}", f"run_name=eval_{weights}"],
+            "test.py",
+            [*QUIET_TEST, f"ckpt_path={best_ckpt}", f"weights={weights}", f"run_name=eval_{weights}"],
             cwd=tmp_path,
         )
         evaluation = read_json(run_dir(tmp_path, f"eval_{weights}", task="test") / "eval.json")
@@ -94,8 +100,14 @@ def test_train_digits_reaches_95_and_test_py_reproduces_the_best_checkpoint(tmp_
 
 def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
     args = [
-        *QUIET_TRAIN, "data=imagenet", f"data.data_dir={image_tree}", "data.img_size=32", "data.batch_size=4",
-        "data.num_workers=0", "trainer.max_epochs=1", "run_name=inet",
+        *QUIET_TRAIN,
+        "data=imagenet",
+        f"data.data_dir={image_tree}",
+        "data.img_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "run_name=inet",
     ]
     run_script("train.py", args, cwd=tmp_path)
     folder = run_dir(tmp_path, "inet")
@@ -118,8 +130,10 @@ def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
 def test_train_with_missing_data_folder_fails_naming_it(tmp_path):
     missing = tmp_path / "no_such_imagenet"
     proc = run_script(
-        "train.py", [*QUIET_TRAIN, "data=imagenet", f"data.data_dir={missing}", "run_name=missing"],
-        cwd=tmp_path, check=False,
+        "train.py",
+        [*QUIET_TRAIN, "data=imagenet", f"data.data_dir={missing}", "run_name=missing"],
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode != 0
     assert str(missing) in proc.stderr
@@ -160,10 +174,17 @@ def test_default_checkpointing_writes_last_ckpt_at_every_epoch(tmp_path):
     metric stops improving (here: lr 0, so val/acc1 never moves after the first epoch)."""
     cfg = compose_train_config(
         [
-            "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.lr_monitor=null",
-            "optimizer.lr=0", "scheduler.warmup_epochs=0", "scheduler.warmup_lr=0", "scheduler.min_lr=0",
-            "module.ema_decay=null", "trainer.max_epochs=3",
-            "++trainer.limit_train_batches=1", "++trainer.limit_val_batches=1",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+            "callbacks.lr_monitor=null",
+            "optimizer.lr=0",
+            "scheduler.warmup_epochs=0",
+            "scheduler.warmup_lr=0",
+            "scheduler.min_lr=0",
+            "module.ema_decay=null",
+            "trainer.max_epochs=3",
+            "++trainer.limit_train_batches=1",
+            "++trainer.limit_val_batches=1",
         ],
         output_dir=tmp_path,
     )
@@ -171,15 +192,22 @@ def test_default_checkpointing_writes_last_ckpt_at_every_epoch(tmp_path):
     datamodule, module = build(cfg)
     history = MetricsHistory()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [history]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accelerator="cpu",
-                          enable_progress_bar=False, enable_model_summary=False)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=datamodule)
 
     accs = [h["val/acc1"] for h in history.history]
     assert len(accs) == 3 and len(set(accs)) == 1  # the premise: no improvement after epoch 0
     last = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (2, 3), (
-        f"last.ckpt holds epoch {last['epoch']} (step {last['global_step']}), not the last epoch 2 (step 3)")
+        f"last.ckpt holds epoch {last['epoch']} (step {last['global_step']}), not the last epoch 2 (step 3)"
+    )
     assert [h["epoch"] for h in last["callbacks"]["MetricsHistory"]["history"]] == [0, 1, 2]
 
 
@@ -227,20 +255,32 @@ def assert_same(a, b, where="") -> None:
 
 def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
     epochs, steps = 6, 4
-    args = [*QUIET_TRAIN, f"trainer.max_epochs={epochs}", f"++trainer.limit_train_batches={steps}",
-            "++trainer.limit_val_batches=2", "run_name=resume"]
+    args = [
+        *QUIET_TRAIN,
+        f"trainer.max_epochs={epochs}",
+        f"++trainer.limit_train_batches={steps}",
+        "++trainer.limit_val_batches=2",
+        "run_name=resume",
+    ]
     folder = run_dir(tmp_path, "resume")
     last = folder / "checkpoints" / "last.ckpt"
 
     # start, wait for a last.ckpt of epoch >= 1, kill -9 while it trains on
-    proc = subprocess.Popen(script_command("train.py", args), cwd=tmp_path, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        script_command("train.py", args),
+        cwd=tmp_path,
+        env=script_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, saved_epoch = time.monotonic() + 900, -1  # a guard against a hang, not a timing
         while saved_epoch < 1:
             assert proc.poll() is None, (
                 f"train.py ended (exit {proc.returncode}) before a last.ckpt of epoch >= 1 was seen (last seen: "
-                f"epoch {saved_epoch}):\n{proc.stderr.read()[-4000:]}")
+                f"epoch {saved_epoch}):\n{proc.stderr.read()[-4000:]}"
+            )
             assert time.monotonic() < deadline, f"no last.ckpt of epoch >= 1 after 900 s (last seen: {saved_epoch})"
             if last.is_file():
                 try:
@@ -269,18 +309,28 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
     run_cfg = OmegaConf.create(saved["hyper_parameters"]["run_config"])
     datamodule, module = build(run_cfg)
     capture = CaptureResumedState()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=steps,
-                        limit_val_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[capture], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        limit_train_batches=steps,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(CaptureResumedState.Stop):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(killed), weights_only=False)
     assert (capture.global_step, capture.epoch) == (saved["global_step"], e + 1)
     assert_same(capture.optimizer, saved["optimizer_states"][0], "optimizer")
     assert capture.optimizer["state"], "empty optimizer state"
     assert_same(capture.scheduler, saved["lr_schedulers"][0], "scheduler")
-    ema_saved = {k[len("ema.module."):]: v for k, v in saved["state_dict"].items() if k.startswith("ema.module.")}
+    ema_saved = {k[len("ema.module.") :]: v for k, v in saved["state_dict"].items() if k.startswith("ema.module.")}
     assert_same(capture.ema, ema_saved, "ema")
-    model_saved = {k[len("model."):]: v for k, v in saved["state_dict"].items() if k.startswith("model.")}
+    model_saved = {k[len("model.") :]: v for k, v in saved["state_dict"].items() if k.startswith("model.")}
     assert_same(capture.model, model_saved, "model")
     assert any(not torch.equal(capture.ema[k], capture.model[k]) for k in capture.model)
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.trainer.states import TrainerFn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
@@ -70,8 +70,10 @@ class ImageClassifier(L.LightningModule):
         def accuracy(prefix: str) -> MetricCollection:
             top5 = min(5, num_classes)
             return MetricCollection(
-                {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                 f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")},
+                {
+                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                    f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+                },
                 prefix=prefix,
             )
 

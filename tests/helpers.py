@@ -1,0 +1,177 @@
+"""Helpers of the tests, in one place: paths of the repository, running the entry points as scripts,
+small image-folder trees, composed configs. Fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+REFERENCE_DIR = REPO / "tests" / "data" / "reference"  # the authors' release: key names and shapes, parity model
+
+# CPU, no progress bar or model summary: quiet, deterministic device choice in every script run
+# (`++`: set the key whether or not the trainer config lists it)
+QUIET_TEST = ["hardware=cpu", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+QUIET_TRAIN = [*QUIET_TEST, "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def script_env() -> dict[str, str]:
+    """The environment of a script run: this one, without anything that changes Hydra's error output."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("DYNAMIXER_TRACES_ASKED", None)
+    env.pop("DYNAMIXER_ROOT", None)  # logs go under the script's working folder
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def script_command(script: str, args: Sequence[str]) -> list[str]:
+    return [sys.executable, str(REPO / script), *map(str, args)]
+
+
+def run_script(
+    script: str, args: Sequence[str], cwd: str | os.PathLike, check: bool = True, timeout: float = 1800
+) -> subprocess.CompletedProcess:
+    """Run `python <repo>/<script> *args` in `cwd` (so its `logs/` land there) and return the finished process.
+
+    With `check`, a non-zero exit fails the test and shows the end of the script's output.
+    """
+    proc = subprocess.run(
+        script_command(script, args),
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{script} {' '.join(map(str, args))} exited with {proc.returncode}\n"
+            f"--- stdout (end) ---\n{proc.stdout[-3000:]}\n--- stderr (end) ---\n{proc.stderr[-6000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def start_script(script: str, args: Sequence[str], cwd: str | os.PathLike) -> subprocess.Popen:
+    """Start `python <repo>/<script> *args` in `cwd`, its stdout and stderr together in one text pipe."""
+    return subprocess.Popen(
+        script_command(script, args),
+        cwd=cwd,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 900) -> str:
+    """Wait for a started script; its exit status must be `expect`. Returns its output."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll `predicate` until it holds; fails if the script ends first, or after `timeout` s (a hang guard)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def entry_point(script: str) -> Any:
+    """The module of an entry point (`train.py`, `test.py`, `predict.py`), imported without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"entry_{Path(script).stem}", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # as in a script run, Hydra then looks for `conf/` next to the file (it goes by the task's module)
+    module.main.__wrapped__.__module__ = "__main__"
+    return module
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def run_dir(cwd: str | os.PathLike, run_name: str, task: str = "train") -> Path:
+    """The run folder of a script started in `cwd` with `run_name=...`."""
+    return Path(cwd) / "logs" / task / "runs" / run_name
+
+
+def write_image_tree(
+    root: str | os.PathLike,
+    classes: Sequence[str] = WNIDS,
+    train_per_class: int = 4,
+    val_per_class: int = 2,
+    size: tuple[int, int] = (48, 40),
+    seed: int = 0,
+    val_classes: Sequence[str] | None = None,
+) -> Path:
+    """An ImageNet-layout tree `root/{train,val}/<wnid>/*.JPEG` of small random-noise JPEGs.
+
+    Each class gets its own mean colour, so the classes are (weakly) learnable. `val_classes` (default:
+    `classes`) gives val/ other class folders than train/.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, per_class, names in (
+        ("train", train_per_class, classes),
+        ("val", val_per_class, val_classes or classes),
+    ):
+        for c, wnid in enumerate(names):
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([80 * c, 255 - 80 * c, 128], dtype=np.float64)
+            for i in range(per_class):
+                pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i:04d}.JPEG", quality=90)
+    return root
+
+
+def compose_train_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None):
+    """`conf/train.yaml` composed with `overrides`, outside a Hydra run (so `paths` are set explicitly)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    if output_dir is not None:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(output_dir)
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def compose_job_config(overrides: Sequence[str], output_dir: str | os.PathLike):
+    """The config a `python train.py <overrides>` job sees under `@hydra.main`: `HydraConfig` set, no
+    `hydra` node, its output folder `output_dir`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
