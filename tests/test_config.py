@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,14 @@ def test_precision_and_compile_options_reach_the_trainer_and_module(tmp_path: Pa
     assert type(trainer.precision_plugin).__name__ == "MixedPrecision" and trainer.precision == "bf16-mixed"
     module.configure_model()
     assert module.model._compiled_call_impl is not None
+
+
+def test_last_checkpoint_by_steps_or_time_reaches_the_callback(tmp_path: Path) -> None:
+    def last_checkpoint(*overrides: str):
+        return instantiate(compose_train_config(overrides, output_dir=tmp_path).callbacks.last_checkpoint)
+
+    by_steps = last_checkpoint("callbacks.last_checkpoint.every_n_train_steps=10")
+    assert (by_steps._every_n_train_steps, by_steps._every_n_epochs) == (10, 0)
+    assert last_checkpoint()._every_n_epochs == 1  # default: every epoch
+    imagenet = last_checkpoint("experiment=dynamixer_s_imagenet")
+    assert imagenet._train_time_interval == timedelta(minutes=30) and imagenet._every_n_epochs == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import signal
 import subprocess
@@ -11,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from helpers import finish, read_checkpoint, start_script, wait_for
+from dynamixer.errors import DivergenceError
+from dynamixer.run import train
+from helpers import compose_job_config, finish, read_checkpoint, start_script, wait_for
 
 pytestmark = pytest.mark.slow  # trains models or runs the scripts
 
@@ -72,7 +72,7 @@ def resumed_history(run_dir: Path) -> list[dict]:
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 
-def test_sigterm_saves_the_exact_step_and_resumes_from_it(tmp_path: Path) -> None:
+def test_sigterm_saves_the_exact_step_and_the_resumed_run_continues_its_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "logs/train/runs/pre"
     proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre")
     # stop in the middle of the second epoch, past the epoch-end checkpoint
@@ -87,18 +87,22 @@ def test_sigterm_saves_the_exact_step_and_resumes_from_it(tmp_path: Path) -> Non
     assert results(run_dir)["status"] == "interrupted" and results(run_dir)["global_step"] == stopped
 
     finish(start(tmp_path, "trainer.max_epochs=2", "run_name=pre", "ckpt_path=auto"))
-    # the resumed process trained exactly the steps that were missing
-    assert logged_steps(run_dir) == list(range(stopped, 2 * STEPS_PER_EPOCH))
+    # metrics.csv kept the rows from before the stop and continued: every step once, in order
+    assert logged_steps(run_dir) == list(range(2 * STEPS_PER_EPOCH))
     assert results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH and results(run_dir)["status"] == "finished"
 
 
-def logged_steps(run_dir: Path) -> list[int]:
-    """Steps whose training loss the current process logged (the CSV logger starts a resumed run anew)."""
+def training_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
         return []
     with path.open() as f:
-        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
+        return [row for row in csv.DictReader(f) if row.get("train/loss_step")]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps whose training loss metrics.csv holds, in the order they were written."""
+    return [int(row["step"]) for row in training_rows(run_dir)]
 
 
 def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
@@ -113,23 +117,23 @@ def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == set(files)
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
-    """Lightning writes checkpoints to a temporary file that replaces the old one only when complete."""
-    path = tmp_path / "last.ckpt"
-    io_plugin = TorchCheckpointIO()
-    io_plugin.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
-
-    real_save = torch.save
-
-    def killed_midway(obj, f, *args, **kwargs):  # write half of the bytes, then die
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", killed_midway)
-    with pytest.raises(KeyboardInterrupt):
-        io_plugin.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
-    monkeypatch.setattr(torch, "save", real_save)
-    survivor = torch.load(path, weights_only=False)
-    assert survivor["global_step"] == 1 and torch.equal(survivor["w"], torch.ones(1000))
+def test_a_diverged_run_stops_at_once_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path: Path) -> None:
+    """An absurd learning rate makes the weights overflow within a few steps: the run stops at the first
+    non-finite loss, names the step and what to try, and last.ckpt holds only finite weights."""
+    cfg = compose_job_config(
+        [
+            *RUN,
+            "optimizer.lr=1e30",
+            "scheduler.warmup_epochs=0",
+            "trainer.max_epochs=3",
+            "callbacks.last_checkpoint.every_n_train_steps=1",
+        ],
+        tmp_path / "run",
+    )
+    with pytest.raises(DivergenceError, match=r"training loss is (nan|inf) at step \d+ .*optimizer.lr") as err:
+        train(cfg)
+    step = int(str(err.value).split(" at step ")[1].split()[0])
+    assert step < 3 * STEPS_PER_EPOCH  # at once, not at the end
+    last = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == step
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import wandb
+from omegaconf import open_dict
 
 from dynamixer.run import train
 from dynamixer.utils.tracking import wandb_api_key_configured
@@ -82,3 +83,13 @@ def test_wandb_run_offline_holds_config_and_metrics(
     assert (run_dir / f"run-{seen['id']}.wandb").stat().st_size > 1000
     assert (run_dir / "files" / "output.log").is_file() and (run_dir / "logs" / "debug.log").is_file()
     assert wandb.run is None  # finished, so a next multirun job opens its own run
+
+    # resumed with more epochs: the same W&B run continues (its id is kept in the run folder)
+    first_id = seen["id"]
+    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == first_id
+    with open_dict(cfg):
+        cfg.ckpt_path = "auto"
+        cfg.trainer.max_epochs = 3
+    seen.clear()
+    resumed = train(cfg)
+    assert resumed["epochs"] == 3 and seen["id"] == first_id and seen["summary"]["epoch"] == 2

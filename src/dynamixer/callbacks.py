@@ -7,7 +7,8 @@ import threading
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class StopOnInterrupt(Callback):
@@ -55,3 +56,18 @@ class MetricsHistory(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` for the resumable `last.ckpt`: by epochs, optimizer steps or time, and on SIGTERM
+    or Ctrl-C, never on another exception.
+
+    Lightning raises its SIGTERM exception between optimizer steps, on every rank at once, so that state
+    is whole. Any other exception can come from the middle of a step (after the optimizer, before the EMA
+    update) or from one rank only: a save then would replace the last good state with a torn one, or
+    wait at a barrier for ranks that never come.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)

@@ -17,3 +17,7 @@ class MissingPathError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used for what was asked (another model, no run config, unreadable)."""
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and what to try."""

@@ -21,6 +21,8 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from dynamixer.errors import DivergenceError
+
 __all__ = ["ImageClassifier"]
 
 
@@ -102,9 +104,23 @@ class ImageClassifier(L.LightningModule):
             x, y = self.mixup_fn(x, y)
         # the loss in fp32: CPU autocast leaves log-softmax in bf16, whose 8-bit mantissa rounds the loss
         loss = self.train_loss_fn(self.model(x).float(), y)
+        self._stop_if_diverged(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         self._epoch_images += x.shape[0]
         return loss
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss reaches the weights, the EMA or a checkpoint (on every rank at once)."""
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise DivergenceError(
+                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): "
+                "training stopped, the last checkpoint holds the last finite state. Try a lower optimizer.lr, "
+                "a longer scheduler.warmup_epochs, trainer.gradient_clip_val=1.0 or trainer.precision=bf16-mixed "
+                "instead of 16-mixed; resume with ckpt_path=auto"
+            )
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
+
+log = logging.getLogger(__name__)
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -18,14 +22,32 @@ def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[st
     return torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
+def _readable(path: Path) -> bool:
+    try:
+        read_checkpoint(path, mmap=True)
+        return True
+    except Exception as err:  # truncated, torn or not a checkpoint at all: any reason means "not this one"
+        log.warning("cannot read checkpoint %s (%s: %s); trying the previous one", path, type(err).__name__, err)
+        return False
+
+
 def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path`: a checkpoint file, or `auto` for this run folder's `last.ckpt` when there is one."""
+    """`ckpt_path`: a checkpoint file, or `auto` for this run folder's newest readable resumable state:
+    `last.ckpt`, else the `last.prev.ckpt` it replaced (with a warning naming the unreadable file)."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return None
     if ckpt_path == "auto":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        remove_stale_temporaries(folder)
+        candidates = [p for p in (folder / "last.ckpt", previous_path(folder / "last.ckpt")) if p.is_file()]
+        found = next((p for p in candidates if _readable(p)), None)
+        if candidates and found is None:
+            raise CheckpointError(
+                f"no readable checkpoint to resume in {folder} ({', '.join(p.name for p in candidates)} cannot be "
+                "read): move them away to start the run over, or give ckpt_path=<file> of another checkpoint"
+            )
+        return None if found is None else str(found)
     if not os.path.isfile(ckpt_path):
         raise MissingPathError(
             f"ckpt_path={ckpt_path} does not exist: give the path of a .ckpt file (e.g. <run folder>/checkpoints/"

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.callbacks import MetricsHistory
+from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.run.build import build, model_size
 from dynamixer.run.checkpoints import check_checkpoint_fits, resume_path
 from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch, release_distributed
@@ -84,9 +85,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_fits(ckpt_path, module.model, cfg, datamodule.num_classes)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(MetricsHistory())  # results.json is made from it
-    configure_wandb(cfg.get("logger"))
+    configure_wandb(cfg.get("logger"), cfg.paths.output_dir)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
     for logger in trainer.loggers:

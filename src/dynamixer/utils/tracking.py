@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from dynamixer.utils.launch import is_multirun
@@ -24,13 +26,27 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def configure_wandb(logger_cfg: DictConfig) -> None:
+def run_id(output_dir: str | os.PathLike) -> str | None:
+    """The W&B run id of a run folder: made at its first start (by rank 0, the one that logs) and kept in
+    `<run folder>/wandb_run_id`, so that a resumed or requeued run continues the same W&B run."""
+    path = Path(output_dir) / "wandb_run_id"
+    if not path.is_file() and rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(8) + "\n")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def configure_wandb(logger_cfg: DictConfig, output_dir: str | os.PathLike) -> None:
     """Fill the W&B logger's open choices: offline without an API key (never block on a login or a
-    network), and in a multirun one group per sweep with each job named by its overrides."""
+    network), one W&B run per run folder (resumed with it), and in a multirun one group per sweep with
+    each job named by its overrides."""
     wandb_cfg = (logger_cfg or {}).get("wandb")
     if wandb_cfg is None:
         return
     with open_dict(wandb_cfg):
+        if wandb_cfg.get("id") is None:
+            wandb_cfg.id = run_id(output_dir)
+            wandb_cfg.resume = "allow"
         if wandb_cfg.get("offline") is None:
             wandb_cfg.offline = not wandb_api_key_configured() or os.environ.get("WANDB_MODE") == "offline"
         if is_multirun():

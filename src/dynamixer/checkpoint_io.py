@@ -1,0 +1,113 @@
+"""Checkpoint writes that a kill, a full disk or a lost node cannot tear.
+
+The new file is written next to its target (same folder, so the final rename never becomes a copy across
+file systems), flushed and fsynced, then renamed into place; the file it replaces is kept as
+`<name>.prev<suffix>` (e.g. `last.prev.ckpt`) until the next save, so there is always a complete
+previous state. On Linux the file is written unnamed (`O_TMPFILE`) and only gets a name once complete,
+so a kill mid-write leaves nothing behind; elsewhere it is written under a hidden temporary name that
+the next run removes (`remove_stale_temporaries`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+TMP_SUFFIX = ".tmp"
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the file replaced by a save of `path` is kept: `last.ckpt` -> `last.prev.ckpt`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed saves left in `folder`; returns them."""
+    stale = sorted(Path(folder).glob(f".*{TMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_unnamed(obj: Any, folder: Path, name: Path) -> bool:
+    """`torch.save(obj)` into an unnamed file of `folder` that gets the name `name` once complete.
+    False where the file system cannot do that (no `O_TMPFILE`, or no link from /proc)."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return False
+    try:
+        fd = os.open(folder, flag | os.O_WRONLY, 0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+        try:
+            # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: Python uses it only with a src_dir_fd
+            proc_fds = os.open("/proc/self/fd", os.O_RDONLY)
+            try:
+                os.link(str(f.fileno()), name, src_dir_fd=proc_fds, follow_symlinks=True)
+            finally:
+                os.close(proc_fds)
+        except OSError:
+            return False
+    return True
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)`, complete or not at all, keeping the replaced file as `previous_path(path)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_path(path)
+    try:
+        if not _write_unnamed(obj, path.parent, tmp):
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        if path.exists():
+            keep = _temporary_path(previous_path(path))
+            try:
+                os.link(path, keep)
+            except OSError:  # no hard links on this file system
+                shutil.copy2(path, keep)
+            os.replace(keep, previous_path(path))
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with `atomic_torch_save`: a save is complete or not there, and the
+    previous checkpoint of the same name stays until the new one is complete."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        previous_path(path).unlink(missing_ok=True)
