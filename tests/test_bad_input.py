@@ -179,3 +179,15 @@ def test_corrupt_jpeg_is_skipped_and_counted_when_asked(tmp_path: Path) -> None:
     )
     assert results["status"] == "finished"
     assert results["data"]["corrupt_files"] == [str(tmp_path / "data" / "train" / "n02" / "n02_0000.JPEG")]
+
+
+def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: Path, monkeypatch, capfd) -> None:
+    from PIL import Image
+
+    root = write_image_tree(tmp_path / "data", ["n01", "n02"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the tree's 48x40 images are over twice that
+    capfd.readouterr()
+    run_entry_point("train.py", [*QUIET, *IMAGENET, f"data.data_dir={root}"], tmp_path, monkeypatch)
+    message = capfd.readouterr().err
+    assert message.startswith("Error: ") and "Traceback" not in message, message
+    assert "MAX_IMAGE_PIXELS" in message and "skip_corrupt" in message
