@@ -44,7 +44,8 @@ def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tm
         assert results["status"] == "finished"
         assert results["global_step"] == 2 * 3  # debug=fast: 2 epochs of 3 batches on each rank
         ckpts = sorted(p.name for p in (sweep / job / "checkpoints").iterdir())
-        assert len(ckpts) == 2 and ckpts[0].startswith("epoch") and ckpts[1] == "last.ckpt", ckpts  # by rank 0
+        # by rank 0: the best epoch, last.ckpt and the last.ckpt it replaced (kept until a newer one is whole)
+        assert len(ckpts) == 3 and ckpts[0].startswith("epoch") and ckpts[1:] == ["last.ckpt", "last.prev.ckpt"], ckpts
     assert good[0]["num_params"] != good[1]["num_params"]  # each job built its own model
     bad = json.loads((sweep / jobs[1] / "results.json").read_text())
     assert bad["status"] == "failed" and "segments=5" in bad["error"]
