@@ -13,7 +13,7 @@ import torch
 
 from dynamixer.errors import DivergenceError
 from dynamixer.run import train
-from helpers import compose_job_config, finish, read_checkpoint, start_script, wait_for
+from helpers import compose_job_config, finish, read_checkpoint, run_script, start_script, wait_for
 
 pytestmark = pytest.mark.slow  # trains models or runs the scripts
 
@@ -21,6 +21,7 @@ STEPS_PER_EPOCH = 6
 # deterministic CPU kernels, 6 steps an epoch, a step logged every step
 RUN = [
     "trainer.deterministic=true",
+    "data.num_workers=2",  # augmentations drawn in loader workers, as on ImageNet
     f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
     "trainer.log_every_n_steps=1",
     "scheduler.warmup_epochs=1",
@@ -72,7 +73,8 @@ def resumed_history(run_dir: Path) -> list[dict]:
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 
-def test_sigterm_saves_the_exact_step_and_the_resumed_run_continues_its_metrics(tmp_path: Path) -> None:
+def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=straight"))
     run_dir = tmp_path / "logs/train/runs/pre"
     proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre")
     # stop in the middle of the second epoch, past the epoch-end checkpoint
@@ -90,6 +92,8 @@ def test_sigterm_saves_the_exact_step_and_the_resumed_run_continues_its_metrics(
     # metrics.csv kept the rows from before the stop and continued: every step once, in order
     assert logged_steps(run_dir) == list(range(2 * STEPS_PER_EPOCH))
     assert results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH and results(run_dir)["status"] == "finished"
+    # the resumed run saw the batches and augmentations the uninterrupted run saw: the same losses, step for step
+    assert step_losses(run_dir) == step_losses(tmp_path / "logs/train/runs/straight")
 
 
 def training_rows(run_dir: Path) -> list[dict]:
@@ -98,6 +102,10 @@ def training_rows(run_dir: Path) -> list[dict]:
         return []
     with path.open() as f:
         return [row for row in csv.DictReader(f) if row.get("train/loss_step")]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {int(row["step"]): float(row["train/loss_step"]) for row in training_rows(run_dir)}
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -115,6 +123,45 @@ def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     assert after["global_step"] == before["global_step"] == STEPS_PER_EPOCH
     assert after["final"] == before["final"] and after["best_checkpoint"] == before["best_checkpoint"]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == set(files)
+
+
+@pytest.mark.parametrize(
+    "kills,setup",
+    [(3, ["data.num_workers=2"]), (2, ["hardware=cpu", "trainer.devices=2", "data.num_workers=1"])],
+    ids=["one process, 2 loader workers", "DDP over 2 CPU ranks"],
+)
+def test_sigkills_at_random_moments_then_resumes_end_bit_identical(
+    kills: int, setup: list[str], tmp_path: Path
+) -> None:
+    """benchmarks/chaos_resume.py: each restart is killed (its whole process group) at a random moment after
+    it saved a new checkpoint, then started again with the same command; the final raw and EMA weights and
+    optimizer state equal (torch.equal) those of an uninterrupted run of that command."""
+    overrides = [
+        "trainer.deterministic=true",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=8",
+        *setup,
+    ]
+    report_path = tmp_path / "report.json"
+    args = [
+        "--kills",
+        str(kills),
+        "--max-delay",
+        "1.5",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(report_path),
+        "--",
+        *overrides,
+    ]
+    run_script("benchmarks/chaos_resume.py", args, tmp_path)
+    report = json.loads(report_path.read_text())
+    assert len(report["kills"]) == kills and report["global_step"] == [24, 24]
+    assert [k["last_ckpt_step"] for k in report["kills"]] == sorted({k["last_ckpt_step"] for k in report["kills"]})
+    for part in ("raw_weights", "ema_weights", "optimizer"):
+        assert report[part]["identical"] and report[part]["tensors"] > 100, report[part]
 
 
 def test_a_diverged_run_stops_at_once_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path: Path) -> None:

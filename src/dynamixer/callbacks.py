@@ -71,3 +71,24 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             super().on_exception(trainer, pl_module, exception)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        # the last batch of an epoch is saved after the epoch's validation instead (below): resumed from a
+        # checkpoint taken before it, Lightning would skip that validation and its metrics
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._every_n_epochs == 0:  # by steps or time: the end of an epoch is saved too
+            self._save_if_new(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # by steps or time the last interval can end before training does: the final state is saved too
+        super().on_train_end(trainer, pl_module)
+        self._save_if_new(trainer)
+
+    def _save_if_new(self, trainer: L.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(self.format_checkpoint_name(self._monitor_candidates(trainer)))
+            self._last_global_step_saved = trainer.global_step

@@ -11,7 +11,6 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -22,6 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
+from dynamixer.utils.rng import rng_states, set_rng_states
 
 __all__ = ["ImageClassifier"]
 
@@ -157,12 +157,20 @@ class ImageClassifier(L.LightningModule):
             self.log_dict(self.val_ema_acc, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # with the random states, a run resumed at an epoch boundary repeats the uninterrupted run exactly
-        checkpoint["rng_states"] = _collect_rng_states()
+        # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
+        # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
+        else:
+            checkpoint["rng_states_per_rank"] = [states]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank:
+            set_rng_states(per_rank[self.global_rank if self.global_rank < len(per_rank) else 0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)

@@ -11,8 +11,9 @@ from lightning import LightningDataModule
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
+from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
-from dynamixer.errors import UserError
+from dynamixer.errors import ConfigError, UserError
 
 
 class DataError(UserError, ValueError):
@@ -26,8 +27,9 @@ class ClassificationDataModule(LightningDataModule, ABC):
     ``default_train_aug`` (both are keyword arguments of ``build_transform``'s
     training branch). Subclasses set ``default_train_aug`` and implement
     ``num_classes``, ``class_names`` and ``_build_datasets``. The datasets are built
-    in ``setup`` (or lazily by the first dataloader call); Lightning adds a
-    ``DistributedSampler`` itself under DDP.
+    in ``setup`` (or lazily by the first dataloader call). The training loader shards
+    itself over the ranks and resumes mid-epoch (``state_dict``, ``dynamixer.data.sampling``);
+    ``seed`` fixes its order and augmentations. Lightning shards the evaluation loaders.
     """
 
     defaults: Mapping[str, Any] = {}  # subclasses: constructor defaults of their own (batch size, mean, ...)
@@ -45,6 +47,7 @@ class ClassificationDataModule(LightningDataModule, ABC):
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         train_aug: Mapping[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         aug = {**self.default_train_aug, **dict(train_aug or {})}
@@ -63,6 +66,8 @@ class ClassificationDataModule(LightningDataModule, ABC):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.train_aug = aug
+        self.seed = int(seed)
+        self._resume: dict[str, Any] | None = None
         common = dict(crop_pct=self.crop_pct, interpolation=interpolation, mean=self.mean, std=self.std)
         self._train_tf = build_transform(self.img_size, True, **common, **aug)
         self._eval_tf = build_transform(self.img_size, False, **common)
@@ -90,30 +95,63 @@ class ClassificationDataModule(LightningDataModule, ABC):
         if self.train_set is None:
             self.train_set, self.val_set = self._build_datasets()
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches in an order, and with augmentations, that a resumed run repeats exactly
+        (`dynamixer.data.sampling`); sharded over the ranks of a distributed run."""
         self.setup()
-        if len(self.train_set) < self.batch_size:
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(self.train_set) < self.batch_size * world_size:
             raise DataError(
                 f"the training split has {len(self.train_set)} images, fewer than batch_size="
-                f"{self.batch_size}; with drop_last=True no training step would run. "
+                f"{self.batch_size} x {world_size} rank(s); with drop_last=True no training step would run. "
                 "Lower batch_size or add training images."
             )
-        return self._loader(self.train_set, train=True)
+        sampler = ResumableSampler(self.train_set, num_replicas=world_size, rank=rank, seed=self.seed)
+        if self._resume is not None:
+            self._check_resume(self._resume, world_size)
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.start = self._resume["batches"] * self.batch_size
+            self._resume = None
+        return self._loader(SeededSamples(self.train_set), sampler=sampler, drop_last=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data, for a checkpoint: the epoch and how many of its batches are
+        trained, with the batch size and rank count that define those batches."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        epoch, batches = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "world_size": trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) or None
+
+    def _check_resume(self, state: Mapping[str, Any], world_size: int) -> None:
+        saved, now = (state["batch_size"], state["world_size"]), (self.batch_size, world_size)
+        if saved != now:
+            raise ConfigError(
+                f"the checkpoint was trained with data.batch_size={saved[0]} on {saved[1]} rank(s), this run has "
+                f"data.batch_size={now[0]} on {now[1]}: the batches, the steps per epoch and so the learning-rate "
+                f"schedule would differ. Resume with data.batch_size={saved[0]} and {saved[1]} device(s) in all "
+                "(trainer.devices x trainer.num_nodes), or start a new run from its weights."
+            )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -1,0 +1,61 @@
+"""Training order and augmentation randomness that a resumed run repeats exactly, on any number of ranks.
+
+The order of an epoch is a function of `(seed, epoch)` (torch's `DistributedSampler`), and each sample's
+augmentation draws come from its own seed, a function of `(seed, epoch, index)`: neither depends on which
+data-loader worker decoded the sample, nor on how many steps this process has run. A run resumed in the
+middle of an epoch starts its loader at the next batch (`start`) and sees the batches and augmentations
+the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample `index` in `epoch`."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (one rank too: `num_replicas=1`) that yields `(index, sample_seed)` pairs and can
+    start an epoch at sample `start` of this rank's share (a resumed run; reset after that epoch)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+
+
+class SeededSamples(Dataset):
+    """`dataset[index]` with python's, numpy's and torch's random generators seeded by the sample's own seed;
+    items are requested as `(index, seed)`. The generators of the process are left as they were."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
