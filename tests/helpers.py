@@ -65,12 +65,15 @@ def run_script(
     return proc
 
 
-def start_script(script: str, args: Sequence[str], cwd: str | os.PathLike) -> subprocess.Popen:
-    """Start `python <repo>/<script> *args` in `cwd`, its stdout and stderr together in one text pipe."""
+def start_script(
+    script: str, args: Sequence[str], cwd: str | os.PathLike, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start `python <repo>/<script> *args` in `cwd` (with `env` added to the environment), its stdout and
+    stderr together in one text pipe."""
     return subprocess.Popen(
         script_command(script, args),
         cwd=cwd,
-        env=script_env(),
+        env={**script_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

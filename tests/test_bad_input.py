@@ -76,6 +76,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
         ],
         ["does not fit", "with 10 classes", "with 3 classes"],
     ),
+    (
+        "resume with another batch size",
+        lambda t: [f"ckpt_path={tiny_checkpoint(t)}", "data.batch_size=16"],
+        ["data.batch_size=32 on 1 rank(s)", "data.batch_size=16 on 1", "schedule"],
+    ),
     ("segments that do not divide a width", lambda t: ["model.segments=6"], ["segments=6", "not divisible", "one of"]),
     ("reduced_dim that is not positive", lambda t: ["model.reduced_dim=0"], ["reduced_dim", "positive integer"]),
     ("per-stage list of the wrong length", lambda t: ["model.segments=[4,8]"], ["4 stages"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -11,28 +12,43 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
-class StopOnInterrupt(Callback):
-    """Ctrl-C (SIGINT) stops training the way SIGTERM does in Lightning: after the current optimizer
-    step, so that `ModelCheckpoint(save_on_exception=True)` saves that exact step. A second Ctrl-C
-    interrupts at once."""
+class StopOnSignal(Callback):
+    """The one owner of the stop signals while training: Ctrl-C (SIGINT), and each signal in `requeue_on`,
+    stop training the way SIGTERM does in Lightning: after the current optimizer step, with that exact
+    step checkpointed (`ResumableCheckpoint`). A second Ctrl-C interrupts at once.
 
-    def __init__(self) -> None:
-        self._previous: Any = None
+    `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
+    asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
+    which then resumes the checkpoint. Handlers that others installed for these signals (submitit's, which
+    would resubmit without a checkpoint) are replaced while training runs.
+    """
+
+    def __init__(self, requeue_on: Sequence[str] = ()) -> None:
+        self.requeue_on = [signal.Signals[name if name.startswith("SIG") else f"SIG{name}"] for name in requeue_on]
+        self.requeue_requested = False
+        self._previous: dict[signal.Signals, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
 
-        def handler(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGINT, self._previous)
+        def interrupt(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
             signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this step
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        def requeue(signum: int, frame: Any) -> None:
+            self.requeue_requested = True
+            signal.raise_signal(signal.SIGTERM)
+
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
+        for signum in self.requeue_on:
+            self._previous[signum] = signal.signal(signum, requeue)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
 
 
 class MetricsHistory(Callback):

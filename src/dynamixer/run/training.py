@@ -18,7 +18,13 @@ from dynamixer.callbacks import MetricsHistory
 from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.run.build import build, model_size
 from dynamixer.run.checkpoints import check_checkpoint_fits, resume_path
-from dynamixer.utils.launch import check_devices, is_multirun, prepare_ddp_relaunch, release_distributed
+from dynamixer.utils.launch import (
+    check_devices,
+    is_multirun,
+    prepare_ddp_relaunch,
+    release_distributed,
+    requeue_slurm_job,
+)
 from dynamixer.utils.results import write_results
 from dynamixer.utils.tracking import close_loggers, configure_wandb
 
@@ -101,16 +107,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         try:
             # our own checkpoints hold the numpy random state, which torch's weights-only loader refuses
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-        except SIGTERMException:  # SIGTERM or Ctrl-C: ModelCheckpoint saved last.ckpt of this exact step
+        except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
+            requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
+            status = "requeued" if requeue else "interrupted"
             if trainer.is_global_zero:
-                write_results(
-                    cfg.paths.output_dir, {**fit_results(trainer, cfg, size, datamodule), "status": "interrupted"}
+                write_results(cfg.paths.output_dir, {**fit_results(trainer, cfg, size, datamodule), "status": status})
+            if requeue and requeue_slurm_job():
+                log.warning("stopped at step %d and requeued; the job resumes from last.ckpt", trainer.global_step)
+            else:
+                log.warning(
+                    "stopped at step %d; resume with: python train.py <same overrides> run_name=%s ckpt_path=auto",
+                    trainer.global_step,
+                    cfg.run_name,
                 )
-            log.warning(
-                "stopped at step %d; resume with: python train.py <same overrides> run_name=%s ckpt_path=auto",
-                trainer.global_step,
-                cfg.run_name,
-            )
             raise SystemExit(128 + signal.SIGTERM) from None
         results = fit_results(trainer, cfg, size, datamodule)
         if trainer.is_global_zero:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -71,3 +72,18 @@ def release_distributed() -> None:
         # job would believe its ranks were started externally and wait for them forever
         for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
             os.environ.pop(name, None)
+
+
+def requeue_slurm_job() -> bool:
+    """Requeue this SLURM job (`scontrol requeue $SLURM_JOB_ID`), from rank 0 of a SLURM job only; True if
+    it was asked for. The requeued job runs the same command again."""
+    job_id = (
+        os.environ.get("SLURM_ARRAY_JOB_ID")
+        and os.environ.get("SLURM_ARRAY_TASK_ID")
+        and (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+        or os.environ.get("SLURM_JOB_ID")
+    )
+    if not job_id or os.environ.get("SLURM_PROCID", "0") != "0":
+        return False
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    return True
