@@ -43,3 +43,16 @@ def test_model_benchmark_reports_every_impl_mode_and_precision(tmp_path):
     assert abs(ours["gemm_gflop"] - ref["gemm_gflop"]) / ref["gemm_gflop"] < 0.01
     assert ours["gemm_calls"] < ref["gemm_calls"]  # ours batches rows/columns and segments into one call
     assert rows[("reference", "train", "fp32")]["vs_reference_same_precision"] == 1.0
+
+
+def test_checkpoint_benchmark_saves_a_training_sized_checkpoint(tmp_path):
+    out = tmp_path / "checkpoint.json"
+    run_script(
+        "benchmarks/bench_checkpoint.py",
+        ["--models", "tiny", "--repeats", "1", "--dir", tmp_path / "ckpt", "--json", out],
+        cwd=tmp_path,
+    )
+    (row,) = json.loads(out.read_text())["results"]
+    # weights, EMA weights and AdamW's two moments: four float32 copies of the 849,062 parameters
+    assert row["size_mb"] * 2**20 > 4 * 4 * 849_062 and row["save_s_median"] > 0
+    assert row["overhead_at_interval"] == pytest.approx(row["save_s_median"] / 1800)
