@@ -63,7 +63,7 @@ def finish(proc: subprocess.Popen) -> None:
 def saved_step(path: Path) -> int:
     """The step of the checkpoint at `path`; -1 while there is none."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
     except FileNotFoundError:
         return -1
 
@@ -78,7 +78,7 @@ def tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def compare(a: Path, b: Path) -> dict[str, Any]:
     """Which of weights (raw, EMA) and optimizer state differ between two checkpoints."""
-    first, second = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
+    first, second = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
     parts = {
         "raw_weights": lambda c: {k: v for k, v in c["state_dict"].items() if k.startswith("model.")},
         "ema_weights": lambda c: {k: v for k, v in c["state_dict"].items() if k.startswith("ema.")},

@@ -111,7 +111,7 @@ def entry_point(script: str) -> Any:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def run_dir(cwd: str | os.PathLike, run_name: str, task: str = "train") -> Path:

@@ -94,30 +94,12 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
 ]
 
 
-def run_entry_point(script: str, args: list[str], cwd: Path, monkeypatch) -> None:
-    """Run `python <script> *args` in process in `cwd`; it must exit with status 2."""
-    main = entry_point(script).main
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.delenv("DYNAMIXER_TRACES_ASKED", raising=False)
-    from dynamixer.run.cli import run_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main)
-    assert exit_info.value.code == 2
-
-
 @pytest.mark.parametrize("name,overrides,fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_clear_message_and_exit_2(
-    name, overrides, fragments, tmp_path: Path, monkeypatch, capfd
+    name, overrides, fragments, tmp_path: Path, monkeypatch, user_error
 ) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    args = [*QUIET, *overrides(tmp_path), "run_name=bad"]
-    capfd.readouterr()
-    run_entry_point("train.py", args, tmp_path, monkeypatch)
-    message = capfd.readouterr().err
-    assert message.startswith("Error: ") and "Traceback" not in message, message
+    message = user_error("train.py", [*QUIET, *overrides(tmp_path), "run_name=bad"], tmp_path)
     for fragment in fragments:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
     assert not (tmp_path / "logs" / "train" / "runs" / "bad" / "results.json").exists()  # failed before it trained
@@ -131,13 +113,8 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
         ("predict.py", ["ckpt_path=gone.ckpt", "inputs=x.png"], ["ckpt_path=gone.ckpt does not exist"]),
     ],
 )
-def test_evaluation_entry_points_report_bad_input_the_same_way(
-    script, args, fragments, tmp_path: Path, monkeypatch, capfd
-) -> None:
-    capfd.readouterr()
-    run_entry_point(script, args, tmp_path, monkeypatch)
-    message = capfd.readouterr().err
-    assert message.startswith("Error: ") and "Traceback" not in message, message
+def test_evaluation_entry_points_report_bad_input_the_same_way(script, args, fragments, tmp_path: Path, user_error):
+    message = user_error(script, args, tmp_path)
     for fragment in fragments:
         assert fragment in message, message
 
@@ -186,13 +163,10 @@ def test_corrupt_jpeg_is_skipped_and_counted_when_asked(tmp_path: Path) -> None:
     assert results["data"]["corrupt_files"] == [str(tmp_path / "data" / "train" / "n02" / "n02_0000.JPEG")]
 
 
-def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: Path, monkeypatch, capfd) -> None:
+def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: Path, monkeypatch, user_error) -> None:
     from PIL import Image
 
     root = write_image_tree(tmp_path / "data", ["n01", "n02"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the tree's 48x40 images are over twice that
-    capfd.readouterr()
-    run_entry_point("train.py", [*QUIET, *IMAGENET, f"data.data_dir={root}"], tmp_path, monkeypatch)
-    message = capfd.readouterr().err
-    assert message.startswith("Error: ") and "Traceback" not in message, message
+    message = user_error("train.py", [*QUIET, *IMAGENET, f"data.data_dir={root}"], tmp_path)
     assert "MAX_IMAGE_PIXELS" in message and "skip_corrupt" in message

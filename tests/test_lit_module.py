@@ -269,7 +269,7 @@ def test_ema_follows_its_formula_and_is_saved_in_checkpoints(tmp_path, warmup):
     # the checkpoint holds the EMA weights, and they come back on loading
     path = tmp_path / "ema.ckpt"
     fit.save_checkpoint(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     for k, v in final.items():
         torch.testing.assert_close(state[f"ema.module.{k}"], v, atol=0, rtol=0)
     fresh = make_module(ema_decay=0.9, ema_warmup=warmup)
@@ -431,7 +431,7 @@ def test_compile_trains_the_compiled_model_like_eager_and_keeps_eager_checkpoint
     assert moved > 1e-3  # it trained
     path = tmp_path / "compiled.ckpt"
     fit.save_checkpoint(path)
-    keys = torch.load(path, map_location="cpu", weights_only=False)["state_dict"].keys()
+    keys = torch.load(path, map_location="cpu", weights_only=True)["state_dict"].keys()
     assert keys == eager.state_dict().keys()  # no `_orig_mod.` prefixes: eager code loads it
 
 

@@ -22,6 +22,7 @@ from helpers import (
     QUIET_TEST,
     QUIET_TRAIN,
     compose_train_config,
+    read_checkpoint,
     run_dir,
     run_script,
     script_command,
@@ -45,10 +46,6 @@ E2E = [
     "data.train_aug.scale=[0.85,1.0]",
     "module.label_smoothing=0",
 ]
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def read_json(path: Path) -> dict:
@@ -77,7 +74,7 @@ def test_train_digits_reaches_95_and_test_py_reproduces_the_best_checkpoint(tmp_
     assert best_ckpt.is_file() and best_ckpt.parent == folder / "checkpoints"
     last = folder / "checkpoints" / "last.ckpt"
     assert last.is_file() and Path(results.get("last_checkpoint") or last) == last
-    ckpt = load_ckpt(best_ckpt)
+    ckpt = read_checkpoint(best_ckpt)
     assert ckpt["epoch"] == best["epoch"] and ckpt["global_step"] == best["step"]
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
 
@@ -120,7 +117,7 @@ def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
     assert {"val/acc1", "val/acc3", "val/loss"} <= final.keys() and "val/acc5" not in final
     assert final["val/acc3"] == pytest.approx(1.0)
     assert final["val/acc1"] * 6 == pytest.approx(round(final["val/acc1"] * 6), abs=1e-4)
-    ckpt = load_ckpt(folder / "checkpoints" / "last.ckpt")
+    ckpt = read_checkpoint(folder / "checkpoints" / "last.ckpt")
     assert ckpt["state_dict"]["model.head.weight"].shape[0] == 3
     run_config = ckpt["hyper_parameters"]["run_config"]
     assert run_config["data"]["_target_"].endswith("ImageFolderDataModule")
@@ -204,7 +201,7 @@ def test_default_checkpointing_writes_last_ckpt_at_every_epoch(tmp_path):
 
     accs = [h["val/acc1"] for h in history.history]
     assert len(accs) == 3 and len(set(accs)) == 1  # the premise: no improvement after epoch 0
-    last = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (2, 3), (
         f"last.ckpt holds epoch {last['epoch']} (step {last['global_step']}), not the last epoch 2 (step 3)"
     )
@@ -284,7 +281,7 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
             assert time.monotonic() < deadline, f"no last.ckpt of epoch >= 1 after 900 s (last seen: {saved_epoch})"
             if last.is_file():
                 try:
-                    saved_epoch = load_ckpt(last)["epoch"]
+                    saved_epoch = read_checkpoint(last)["epoch"]
                 except Exception:  # being written
                     pass
             time.sleep(0.05)
@@ -300,7 +297,7 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
 
     killed = tmp_path / "killed.ckpt"
     shutil.copy(last, killed)
-    saved = load_ckpt(killed)
+    saved = read_checkpoint(killed)
     e = saved["epoch"]
     assert 1 <= e < epochs - 1 and saved["global_step"] == (e + 1) * steps
     assert [h["epoch"] for h in saved["callbacks"]["MetricsHistory"]["history"]] == list(range(e + 1))
@@ -323,7 +320,7 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
         default_root_dir=tmp_path,
     )
     with pytest.raises(CaptureResumedState.Stop):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(killed), weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(killed), weights_only=True)
     assert (capture.global_step, capture.epoch) == (saved["global_step"], e + 1)
     assert_same(capture.optimizer, saved["optimizer_states"][0], "optimizer")
     assert capture.optimizer["state"], "empty optimizer state"
@@ -341,7 +338,7 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
     assert results["status"] == "finished"
     assert results["global_step"] == epochs * steps and results["epochs"] == epochs
     assert results["final"]["epoch"] == epochs - 1 and results["final"]["step"] == epochs * steps
-    final = load_ckpt(last)
+    final = read_checkpoint(last)
     assert (final["epoch"], final["global_step"]) == (epochs - 1, epochs * steps)
     history = final["callbacks"]["MetricsHistory"]["history"]
     assert [h["epoch"] for h in history] == list(range(epochs))  # kept across the kill, no epoch twice

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torchmetrics import MeanMetric, MetricCollection
@@ -23,7 +23,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from dynamixer.errors import DivergenceError
 from dynamixer.utils.rng import rng_states, set_rng_states
 
-__all__ = ["ImageClassifier"]
+__all__ = ["CHECKPOINT_FORMAT", "ImageClassifier"]
+
+# the layout of our training checkpoints; readers refuse other versions with a clear message
+CHECKPOINT_FORMAT = 1
 
 
 class ImageClassifier(L.LightningModule):
@@ -34,7 +37,9 @@ class ImageClassifier(L.LightningModule):
     (see `dynamixer.schedules`) and is stepped after every optimizer step, `mixup` takes `num_classes`.
     `compile=True` trains the model through `torch.compile(fullgraph=True)` (the EMA copy, and test
     and predict runs, stay eager); the parameter names, and so the checkpoints, are those of the eager
-    model.
+    model. Fine-tuning: `backbone_lr_scale` runs everything but the head at that fraction of the lr;
+    `layer_decay` (timm's layer-wise decay, by the model's `group_matcher`) scales each block's lr by
+    `layer_decay ** (blocks between it and the head)` and then takes the place of `backbone_lr_scale`.
     """
 
     def __init__(
@@ -50,6 +55,8 @@ class ImageClassifier(L.LightningModule):
         run_config: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
         compile: bool = False,
+        backbone_lr_scale: float = 1.0,
+        layer_decay: float | None = None,
     ):
         super().__init__()
         # the run's resolved config and the data's class names and eval transform travel in every
@@ -159,6 +166,7 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
         # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
+        checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT
         states = rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -189,12 +197,32 @@ class ImageClassifier(L.LightningModule):
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         # no decay on biases, norms and every other 1-D parameter (nor on the model's own list)
         # by keyword: recent timm has `weight_decay_exclude_1d` as the third positional parameter
-        groups = param_groups_weight_decay(
-            self.model, weight_decay, no_weight_decay_list=getattr(self.model, "no_weight_decay", set)()
-        )
+        no_decay = getattr(self.model, "no_weight_decay", set)()
+        if self.hparams.layer_decay is not None:
+            # timm's layer-wise decay: each block's lr scaled by layer_decay ** (its distance from the head)
+            groups = param_groups_layer_decay(
+                self.model, weight_decay, no_weight_decay_list=no_decay, layer_decay=self.hparams.layer_decay
+            )
+        else:
+            groups = param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=no_decay)
+            if self.hparams.backbone_lr_scale != 1.0:
+                # fine-tuning: the backbone at a fraction of the head's lr (timm schedulers apply `lr_scale`)
+                head = {id(p) for p in self.model.get_classifier().parameters()}
+                groups = [
+                    {
+                        **g,
+                        "params": [p for p in g["params"] if (id(p) in head) == is_head],
+                        "lr_scale": 1.0 if is_head else self.hparams.backbone_lr_scale,
+                    }
+                    for g in groups
+                    for is_head in (True, False)
+                ]
+                groups = [g for g in groups if g["params"]]
+        if self.scheduler_factory is None:  # timm's schedulers apply `lr_scale`; without one it is applied here
+            base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+            groups = [{**g, "lr": base_lr * g["lr_scale"]} if "lr_scale" in g and base_lr else g for g in groups]
+            return {"optimizer": self.optimizer_factory(params=groups)}
         optimizer = self.optimizer_factory(params=groups)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
         max_epochs = max(self.trainer.max_epochs or 1, 1)
         steps_per_epoch = self.trainer.estimated_stepping_batches / max_epochs
         scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,8 @@ class DigitsDataModule(ClassificationDataModule):
     (``val_fraction``, ``split_seed``) gives 1,437 train / 360 val images with the
     defaults. Defaults: mean/std 0.5 (maps [0, 1] to [-1, 1]); ``crop_pct=1.0`` so
     evaluation keeps the whole digit; mild training augmentation (see
-    ``default_train_aug``).
+    ``default_train_aug``). ``classes`` keeps a subset of the digits (the same split, filtered),
+    labelled 0..k-1 in increasing order: e.g. pre-training on 0-4 and fine-tuning on 5-9.
     """
 
     # constructor defaults of ClassificationDataModule that differ for digits
@@ -56,6 +57,7 @@ class DigitsDataModule(ClassificationDataModule):
         self,
         val_fraction: float = 0.2,
         split_seed: int = 0,
+        classes: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})
@@ -63,14 +65,17 @@ class DigitsDataModule(ClassificationDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
+        self.digits = sorted(int(c) for c in classes) if classes is not None else list(range(10))
+        if not self.digits or any(not 0 <= d <= 9 for d in self.digits) or len(set(self.digits)) < len(self.digits):
+            raise ValueError(f"classes={list(classes)}: give distinct digits 0-9, e.g. [5, 6, 7, 8, 9]")
 
     @property
     def num_classes(self) -> int:
-        return 10
+        return len(self.digits)
 
     @property
     def class_names(self) -> list[str]:
-        return [str(d) for d in range(10)]
+        return [str(d) for d in self.digits]
 
     def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
         digits = load_digits()
@@ -79,13 +84,15 @@ class DigitsDataModule(ClassificationDataModule):
             Image.fromarray(p).resize((self.img_size, self.img_size), Image.Resampling.BILINEAR).convert("RGB")
             for p in pixels
         ]
-        labels = digits.target.tolist()
+        label_of = {d: i for i, d in enumerate(self.digits)}  # the chosen digits, labelled 0..k-1
+        labels = [label_of.get(int(t), -1) for t in digits.target]
         train_idx, val_idx = train_test_split(
             np.arange(len(labels)),
             test_size=self.val_fraction,
             random_state=self.split_seed,
             stratify=digits.target,
         )
+        train_idx, val_idx = ([i for i in idx if labels[i] >= 0] for idx in (train_idx, val_idx))
         return tuple(
             InMemoryImages([images[i] for i in idx], [labels[i] for i in idx], tf)
             for idx, tf in ((train_idx, self._train_tf), (val_idx, self._eval_tf))

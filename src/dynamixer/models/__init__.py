@@ -14,6 +14,7 @@ from .dynamixer import (
     stage_resolutions,
 )
 from .release import load_release_checkpoint, model_kwargs_from_release
+from .weights import create_model, load_pretrained_file, read_weights
 
 __all__ = [
     "DynaMixer",
@@ -21,6 +22,9 @@ __all__ = [
     "DynaMixerOp",
     "DynaMixerTokenMixer",
     "checkpoint_filter_fn",
+    "create_model",
+    "load_pretrained_file",
+    "read_weights",
     "load_release_checkpoint",
     "model_kwargs_from_release",
     "release_key_map",

@@ -342,6 +342,13 @@ class DynaMixer(nn.Module):
         return set()
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, timm's convention (layer-wise lr decay): the stem, then each stage
+        (`coarse`) or each block, a stage's downsample with its first block; the final norm last."""
+        fine = [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else fine}
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
@@ -405,6 +412,7 @@ def _cfg(**kwargs) -> dict:
     return {
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        "fixed_input_size": True,  # the generate layers are sized by the token grid
         "pool_size": None,
         "crop_pct": 0.9,
         "interpolation": "bicubic",

@@ -5,15 +5,14 @@ The key mapping itself lives with the model (`checkpoint_filter_fn`, `release_ke
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from .dynamixer import checkpoint_filter_fn, release_key_map, stage_resolutions
+from .weights import read_weights
 
 __all__ = ["load_release_checkpoint", "model_kwargs_from_release"]
 
@@ -27,10 +26,7 @@ def load_release_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Ma
     if not isinstance(checkpoint, Mapping):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"release checkpoint {os.fspath(checkpoint)!r} does not exist")
-        # weights only: opening a file never runs code from it; the release's files also hold their
-        # training arguments as an `argparse.Namespace`, which is plain data
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_weights(checkpoint)  # as data only: refuses files that would run code
     state_dict = checkpoint_filter_fn(checkpoint, model)
     expected = model.state_dict()
     release_name = release_key_map(model)

@@ -4,22 +4,89 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
+from dynamixer.lit_module import CHECKPOINT_FORMAT
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """The content of a checkpoint file, on the CPU."""
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=mmap)
+    """The content of one of our checkpoint files, on the CPU, read as data only: a file holding any
+    other Python object (which unpickling would run as code) is refused, as is another format."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to open {ckpt_path}: it holds Python objects beyond tensors and plain values, and opening "
+            f"it would run code from the file ({str(err).splitlines()[-1].strip()[:200]}). Use checkpoints written "
+            "by dynamixer's train.py, or load this one only if you trust where it came from."
+        ) from None
+    version = checkpoint.get("dynamixer_format") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_FORMAT:
+        found = "no format version (a checkpoint of another program, or of dynamixer before format 1)"
+        raise CheckpointError(
+            f"{ckpt_path} has {found if version is None else f'format {version}'}, this dynamixer reads format "
+            f"{CHECKPOINT_FORMAT}: use a dynamixer version that wrote it, or, for weights alone, "
+            "model.pretrained_file=<file>"
+        )
+    return checkpoint
+
+
+# what a stored run config may build: our data modules, models, module, optimizers and schedule, nothing else
+BUILT_SECTIONS = ("data", "model", "module", "optimizer", "scheduler")
+ALLOWED_TARGETS = frozenset(
+    {
+        "dynamixer.data.DigitsDataModule",
+        "dynamixer.data.ImageFolderDataModule",
+        "timm.create_model",
+        "dynamixer.models.create_model",
+        "dynamixer.lit_module.ImageClassifier",
+        "timm.data.Mixup",
+        "torch.optim.AdamW",
+        "torch.optim.SGD",
+        "dynamixer.schedules.cosine_with_warmup",
+    }
+)
+
+
+def _targets(node: Any, path: str) -> list[tuple[str, Any]]:
+    """`(key path, _target_)` of every node under `node` that names one."""
+    if isinstance(node, dict):
+        found = [(path, node["_target_"])] if "_target_" in node else []
+        return found + [t for k, v in node.items() for t in _targets(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in _targets(v, f"{path}[{i}]")]
+    return []
+
+
+def check_run_config(run_config: dict[str, Any], ckpt_path: str) -> None:
+    """A stored run config is data: refuse it, before anything is built from it, when it names anything
+    but our own data modules, models, module, optimizers and schedule."""
+    refused = [
+        f"{path}: {target!r}"
+        for section in BUILT_SECTIONS
+        for path, target in _targets(run_config.get(section), section)
+        if target not in ALLOWED_TARGETS
+    ]
+    model_name = (run_config.get("model") or {}).get("model_name")
+    if model_name not in timm.list_models("dynamixer_*"):
+        refused.append(f"model.model_name: {model_name!r}")
+    if refused:
+        raise CheckpointError(
+            f"refused to build from the run config stored in {ckpt_path}: it names {'; '.join(refused)}, which "
+            f"dynamixer does not build from a checkpoint (only {', '.join(sorted(ALLOWED_TARGETS))} and the "
+            "dynamixer_* models). Use a checkpoint written by dynamixer's train.py."
+        )
 
 
 def _readable(path: Path) -> bool:
@@ -92,6 +159,7 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
     checkpoint = read_checkpoint(ckpt_path)
     if "run_config" not in checkpoint.get("hyper_parameters", {}):
         raise CheckpointError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
+    check_run_config(checkpoint["hyper_parameters"]["run_config"], ckpt_path)
     return checkpoint
 
 
@@ -110,7 +178,7 @@ def load_run_config(checkpoint: dict[str, Any], cfg: DictConfig, overrides: list
     """The config of the run that wrote `checkpoint`, with `data` overrides of this command on top.
 
     The model is always the checkpoint's own; data can be pointed elsewhere (`data.data_dir=...`,
-    `data.batch_size=...`, or a whole `data=...` choice).
+    `data.batch_size=...`, any other `++data.<key>=...`).
     """
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["run_config"])
     with open_dict(run_cfg):
@@ -119,6 +187,7 @@ def load_run_config(checkpoint: dict[str, Any], cfg: DictConfig, overrides: list
             if key == "data" or key.startswith("data."):
                 OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
         run_cfg.paths = cfg.paths
+        run_cfg.model.pretrained_file = None  # the checkpoint's own weights are loaded instead
     return run_cfg
 
 
@@ -128,8 +197,9 @@ def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, d
     checkpoint = load_checkpoint(ckpt_path)
     state = backbone_state(checkpoint, weights, ckpt_path)
     hparams = checkpoint["hyper_parameters"]
-    model = instantiate(
-        OmegaConf.create(hparams["run_config"]).model, num_classes=hparams["num_classes"], _convert_="all"
-    )
+    model_cfg = OmegaConf.create(hparams["run_config"]).model
+    with open_dict(model_cfg):
+        model_cfg.pretrained_file = None  # the checkpoint's own weights are loaded instead
+    model = instantiate(model_cfg, num_classes=hparams["num_classes"], _convert_="all")
     model.load_state_dict(state)
     return model.eval(), hparams

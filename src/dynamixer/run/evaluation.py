@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data import build_transform, load_rgb
-from dynamixer.errors import MissingPathError
+from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.run.build import build
 from dynamixer.run.checkpoints import backbone_state, load_checkpoint, load_model, load_run_config
 from dynamixer.run.training import command_overrides
@@ -28,6 +28,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     state = backbone_state(checkpoint, cfg.weights, cfg.ckpt_path)
     datamodule, module = build(load_run_config(checkpoint, cfg, command_overrides()))
+    check_class_names(checkpoint["hyper_parameters"]["data_info"]["class_names"], datamodule.class_names, cfg)
     module.model.load_state_dict(state)
     module.ema = None  # evaluate one set of weights
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
@@ -45,6 +46,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             print(f"{key}: {value:.4f}")
         log.info("written: %s", path)
     return results
+
+
+def check_class_names(trained: list[str], found: list[str], cfg: DictConfig) -> None:
+    """The data's classes must be the checkpoint's, in the same order: label i must mean the same class."""
+    if list(trained) != list(found):
+        differ = [f"label {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(trained, found)) if a != b][:5]
+        raise CheckpointError(
+            f"the data's classes are not the ones {cfg.ckpt_path} was trained on ({len(trained)} trained, "
+            f"{len(found)} found; {'; '.join(differ) or 'the counts differ'}): its metrics would be wrong. "
+            "Point data.data_dir at data with the same class folders."
+        )
 
 
 def image_files(inputs: str) -> list[Path]:

@@ -105,8 +105,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         try:
-            # our own checkpoints hold the numpy random state, which torch's weights-only loader refuses
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            # resumed from a file read as data only (check_checkpoint_fits has checked it with read_checkpoint)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
             status = "requeued" if requeue else "interrupted"

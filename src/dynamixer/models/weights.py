@@ -1,0 +1,98 @@
+"""Initialising a model from weight files: our training checkpoints (raw or EMA weights), the authors'
+release, an exported `model.safetensors`, or an exported folder (`model.safetensors` + `config.json`).
+
+Files are read as data only (`weights_only=True`, safetensors). As timm's `load_pretrained` does, a head
+for another class count is left freshly initialised; weights built for another image size or another
+variant are refused, naming the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from .dynamixer import DynaMixer, checkpoint_filter_fn
+
+__all__ = ["create_model", "load_pretrained_file", "read_weights"]
+
+
+def read_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The backbone state dict in `path` (a file or an exported folder); for our training checkpoints the
+    EMA (`weights="ema"`) or raw (`"raw"`) weights."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained_file={path} does not exist: give a .ckpt, .pth or .safetensors "
+            "file, or a folder written by export.py"
+        )
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's training arguments
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refused to open {path}: it holds Python objects beyond tensors and plain values, and "
+            "opening it would run code from the file"
+        ) from None
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if any(k.startswith(("model.", "ema.module.")) for k in state):  # one of our training checkpoints
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"model.pretrained_weights={weights} is not known: use ema or raw")
+        prefix = "ema.module." if weights == "ema" else "model."
+        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not found:
+            raise ValueError(
+                f"{path} has no EMA weights (trained with module.ema_decay=null): use model.pretrained_weights=raw"
+            )
+        return found
+    return checkpoint
+
+
+def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str = "ema") -> list[str]:
+    """Load the weights in `path` into `model`; returns the keys left as initialised (a head for another
+    class count). Raises `ValueError` naming what does not fit."""
+    state = checkpoint_filter_fn(read_weights(path, weights), model)
+    expected = model.state_dict()
+    head = [k for k in expected if k.startswith("head.")]
+    if any(k in state and state[k].shape != expected[k].shape for k in head):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # another class count
+    mis_shaped = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if any(".generate." in k for k in mis_shaped):
+        raise ValueError(
+            f"the weights in {path} were built for another image size than this model's "
+            f"{model.img_size[0]}x{model.img_size[1]} (their token-mixing layers are sized by it): "
+            "set model.img_size to the size they were trained at"
+        )
+    missing = [k for k in expected if k not in state and k not in head]
+    unexpected = [k for k in state if k not in expected]
+    if mis_shaped or missing or unexpected:
+        raise ValueError(
+            f"the weights in {path} are not this model's: "
+            f"{len(mis_shaped)} of another shape (e.g. {mis_shaped[:2]}), {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Use the "
+            "model (variant, segments, reduced_dim) the weights were trained with"
+        )
+    model.load_state_dict(state, strict=False)
+    return [k for k in expected if k not in state]
+
+
+def create_model(
+    model_name: str, pretrained_file: str | None = None, pretrained_weights: str = "ema", **kwargs: Any
+) -> nn.Module:
+    """`timm.create_model(model_name, **kwargs)`, initialised from `pretrained_file` when given (see
+    `load_pretrained_file`); what the model configs build."""
+    model = timm.create_model(model_name, **kwargs)
+    if pretrained_file is not None:
+        load_pretrained_file(model, pretrained_file, pretrained_weights)
+    return model

@@ -1,0 +1,55 @@
+"""Weights out: `export.py` writes timm's layout, and timm (and our fine-tuning) rebuild the same model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import dynamixer  # noqa: F401  (registers the models with timm)
+from dynamixer.models import create_model
+from dynamixer.run import load_model, train
+from helpers import compose_job_config
+
+QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """A trained dynamixer_tiny with an ablation's architecture (segments=2), and its export folder."""
+    from omegaconf import OmegaConf
+
+    from dynamixer.run.export import export
+
+    root = tmp_path_factory.mktemp("export")
+    train(compose_job_config([*QUIET, "model.segments=2"], root / "run"))
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    export(OmegaConf.create({"ckpt_path": str(ckpt), "weights": "ema", "out_dir": str(root / "out")}))
+    return ckpt, root / "out"
+
+
+def test_the_folder_holds_the_weights_and_everything_to_rebuild_and_feed_the_model(exported) -> None:
+    _, folder = exported
+    config = json.loads((folder / "config.json").read_text())
+    assert (folder / "model.safetensors").is_file()
+    assert config["architecture"] == "dynamixer_tiny" and config["num_classes"] == 10
+    assert config["label_names"] == [str(d) for d in range(10)]
+    assert config["model_args"]["segments"] == 2 and config["model_args"]["img_size"] == [32, 32]
+    cfg = config["pretrained_cfg"]
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == ([3, 32, 32], 1.0, [0.5] * 3, [0.5] * 3)
+    assert cfg["fixed_input_size"] is True
+
+
+def test_timm_local_dir_gives_the_checkpoints_logits(exported) -> None:
+    ckpt, folder = exported
+    ours, _ = load_model(str(ckpt), "ema")
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs(images), ours(images))
+    fine_tuned_start = create_model("dynamixer_tiny", pretrained_file=str(folder), segments=2).eval()
+    with torch.no_grad():
+        assert torch.equal(fine_tuned_start(images), ours(images))
