@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from dynamixer.checkpoint_io import AtomicCheckpointIO, previous_path
 from dynamixer.errors import CheckpointError
+from dynamixer.lit_module import CHECKPOINT_FORMAT
 from dynamixer.run.checkpoints import resume_path
 from dynamixer.utils.results import write_results
 
@@ -30,6 +31,9 @@ while True:
     io.save_checkpoint({"global_step": step, "w": torch.full((16 * 2**20,), float(step))}, path)
     print(step, flush=True)
 """
+
+
+OURS = {"dynamixer_format": CHECKPOINT_FORMAT}  # what makes a file one of our checkpoints for the reader
 
 
 def auto_resume(output_dir: Path) -> str | None:
@@ -59,7 +63,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: 
     folder = tmp_path / "checkpoints"
     io = AtomicCheckpointIO()
     for step in (1, 2):
-        io.save_checkpoint({"global_step": step, "w": torch.ones(1000) * step}, folder / "last.ckpt")
+        io.save_checkpoint({**OURS, "global_step": step, "w": torch.ones(1000) * step}, folder / "last.ckpt")
     assert auto_resume(tmp_path) == str(folder / "last.ckpt")
     newest = (folder / "last.ckpt").read_bytes()
     (folder / "last.ckpt").write_bytes(newest[: len(newest) // 2])  # a disk that filled up mid-copy
@@ -76,7 +80,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: 
 
 def test_a_stale_temporary_file_of_a_killed_save_is_removed_on_resume(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
-    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, folder / "last.ckpt")
+    AtomicCheckpointIO().save_checkpoint({**OURS, "global_step": 3}, folder / "last.ckpt")
     (folder / ".last.ckpt.12345.tmp").write_bytes(b"half a checkpoint")
     assert auto_resume(tmp_path) == str(folder / "last.ckpt")
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]

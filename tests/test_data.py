@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import unicodedata
 import warnings
 from pathlib import Path
@@ -374,3 +375,73 @@ def test_verify_with_skip_corrupt_drops_unreadable_files_up_front(tree, many_cor
         warnings.simplefilter("error")
         ys = torch.cat([y for _, y in dm.val_dataloader()])
     assert ys.tolist() == [0, 1, 1, 2, 2] and dm.corrupt_count == 23
+
+
+# --- CIFAR (the python version's folders) ------------------------------------------
+
+
+def write_cifar10(root: Path, per_batch: int = 4) -> Path:
+    """A tiny `cifar-10-batches-py` in the real format: pickled dicts of bytes keys, uint8 rows of 3072."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    names = [
+        n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    ]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    return root
+
+
+def test_cifar10_folder_gives_its_images_labels_and_class_names(tmp_path: Path) -> None:
+    from dynamixer.data import CIFARDataModule
+
+    root = write_cifar10(tmp_path)
+    batch = pickle.loads((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    dm = CIFARDataModule(data_dir=str(root), img_size=64, batch_size=4, num_workers=0)
+    dm.setup()
+    assert dm.num_classes == 10 and dm.class_names[:2] == ["airplane", "automobile"]
+    assert (len(dm.train_set), len(dm.val_set)) == (20, 4)
+    # pixel (row 0, col 1) of image 0: channel planes of 1024 values each, row-major
+    first = np.asarray(dm.train_set.images[0])
+    assert first.shape == (32, 32, 3) and list(first[0, 1]) == [batch[b"data"][0][c * 1024 + 1] for c in range(3)]
+    assert dm.train_set.labels[:4] == batch[b"labels"]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 64, 64) and y.dtype == torch.int64
+
+
+def test_a_cifar_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    from dynamixer.data import CIFARDataModule
+
+    root = write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Marker:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    (root / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps({b"label_names": Marker()}))
+    with pytest.raises(DataError, match="not allowed in a CIFAR file"):
+        CIFARDataModule(data_dir=str(root))
+    assert not marker.exists()
+
+
+def test_the_transfer_experiment_composes_with_the_release_recipe(tmp_path: Path) -> None:
+    from helpers import compose_train_config
+
+    cfg = compose_train_config(["experiment=cifar_transfer", "model.pretrained_file=w.ckpt"], output_dir=tmp_path)
+    assert (cfg.model.model_name, cfg.model.img_size, cfg.data._target_) == (
+        "dynamixer_s",
+        224,
+        "dynamixer.data.CIFARDataModule",
+    )
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.01, 0.9, 5e-4)
+    assert (cfg.module.backbone_lr_scale, cfg.scheduler.min_lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (
+        0.01,
+        2e-4,
+        60,
+        128,
+    )

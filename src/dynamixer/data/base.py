@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,6 +19,21 @@ from dynamixer.errors import ConfigError, UserError
 
 class DataError(UserError, ValueError):
     """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
+
+
+class InMemoryImages(Dataset):
+    """PIL images and integer labels held in memory; items are ``(transform(image), label)``."""
+
+    def __init__(self, images: list[Image.Image], labels: list[int], transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.labels[index]
 
 
 class ClassificationDataModule(LightningDataModule, ABC):

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
 
-from dynamixer.data.base import ClassificationDataModule
-
-
-class InMemoryImages(Dataset):
-    """PIL images and integer labels held in memory; items are ``(transform(image), label)``."""
-
-    def __init__(self, images: list[Image.Image], labels: list[int], transform: Callable) -> None:
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), self.labels[index]
+from dynamixer.data.base import ClassificationDataModule, InMemoryImages
 
 
 class DigitsDataModule(ClassificationDataModule):

@@ -77,3 +77,17 @@ def build_transform(
         mean=mean,
         std=std,
     )
+
+
+def padded_crop_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """PIL image -> `(3, img_size, img_size)`: resize, random crop with padding of `img_size / 8`,
+    horizontal flip, normalise (the release's transfer recipe for CIFAR)."""
+    return T.Compose(
+        [
+            T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomCrop(img_size, padding=img_size // 8),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(tuple(mean), tuple(std)),
+        ]
+    )

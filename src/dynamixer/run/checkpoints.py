@@ -46,6 +46,7 @@ def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[st
 BUILT_SECTIONS = ("data", "model", "module", "optimizer", "scheduler")
 ALLOWED_TARGETS = frozenset(
     {
+        "dynamixer.data.CIFARDataModule",
         "dynamixer.data.DigitsDataModule",
         "dynamixer.data.ImageFolderDataModule",
         "timm.create_model",

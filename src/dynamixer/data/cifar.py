@@ -1,0 +1,97 @@
+"""CIFAR-10 and CIFAR-100 from their standard python folders (`cifar-10-batches-py`, `cifar-100-python`)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dynamixer.data.base import ClassificationDataModule, DataError, InMemoryImages
+from dynamixer.data.transforms import padded_crop_transform
+
+# folder, training files, test file, meta file, label key, label-names key
+LAYOUTS = {
+    "cifar-10-batches-py": (
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
+    "cifar-100-python": (["train"], "test", "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays, nothing else: reading a data file never runs code."""
+
+    # numpy's array reconstruction, and the bytes encoding of files pickled with protocol 2 by Python 3
+    ALLOWED = {
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
+def _load(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return _ArraysOnly(f, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise DataError(
+            f"cannot read the CIFAR file {path}: {err}. Download the python version of the "
+            "data set again (cifar-10-python.tar.gz / cifar-100-python.tar.gz) and unpack it"
+        ) from None
+
+
+class CIFARDataModule(ClassificationDataModule):
+    """CIFAR-10/100 (`data_dir` holds `cifar-10-batches-py/` or `cifar-100-python/`, or is one of them):
+    50,000 training and 10,000 test images of 32x32, served at `img_size` (the release fine-tunes at 224).
+
+    Training: resize to `img_size`, random crop with padding of `img_size / 8`, horizontal flip (the
+    release's transfer recipe). Evaluation on the test split: resize to `img_size`.
+    """
+
+    defaults = {"batch_size": 128, "crop_pct": 1.0}
+
+    def __init__(self, data_dir: str, **kwargs: Any) -> None:
+        super().__init__(**{**self.defaults, **kwargs})
+        root = Path(data_dir).expanduser().absolute()
+        folders = [root] if root.name in LAYOUTS else [root / name for name in LAYOUTS]
+        found = [f for f in folders if f.is_dir()]
+        if len(found) != 1:
+            raise DataError(
+                f"data_dir={root} holds {'both CIFAR folders' if found else 'no CIFAR folder'}: point it at a "
+                f"folder with exactly one of {', '.join(LAYOUTS)} (the unpacked python version of the data set)"
+            )
+        self.folder = found[0]
+        self._train_files, self._test_file, meta, self._label_key, names_key = LAYOUTS[self.folder.name]
+        self._classes = [n.decode() for n in _load(self.folder / meta)[names_key]]
+        self._train_tf = padded_crop_transform(self.img_size, self.mean, self.std)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._classes)
+
+    def _split(self, files: list[str], transform) -> InMemoryImages:
+        batches = [_load(self.folder / name) for name in files]
+        pixels = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = [int(label) for b in batches for label in b[self._label_key]]
+        return InMemoryImages([Image.fromarray(p) for p in pixels], labels, transform)
+
+    def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
+        return self._split(self._train_files, self._train_tf), self._split([self._test_file], self._eval_tf)
