@@ -503,3 +503,25 @@ def test_block_branches_match_reference_block():
     a = block.branch_weights(h, w, c)[:, None, None]
     expected = block.proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
     assert rel_err(block(x), expected) < 1e-6
+
+
+# ------------------------------------------------------ what timm expects of a registered model
+@pytest.mark.parametrize("name", ["dynamixer_tiny", "dynamixer_s", "dynamixer_m", "dynamixer_l"])
+def test_registered_variant_works_the_timm_way(name):
+    """At the input size of its default cfg: forward and backward, the cfg's fields (a fixed input size),
+    TorchScript and FX tracing give the eager logits, and a wrong input size is refused."""
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["fixed_input_size"] is True and cfg["first_conv"] == "stem" and cfg["classifier"] == "head"
+    assert cfg["num_classes"] == model.num_classes and tuple(cfg["input_size"][1:]) == model.img_size
+    x = torch.randn(1, *cfg["input_size"])
+    with torch.no_grad():
+        eager = model(x)
+        assert eager.shape == (1, model.num_classes)
+        assert torch.allclose(torch.jit.script(model)(x), eager, atol=1e-5)
+        assert torch.allclose(torch.fx.symbolic_trace(model)(x), eager, atol=1e-5)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model(torch.randn(1, 3, 128, 128))

@@ -28,6 +28,29 @@ __all__ = [
 NUM_STAGES = 4
 
 
+# Python-side checks and casts: leaves of an FX graph (`torch.fx.wrap`), skipped by TorchScript
+
+
+def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the autocast dtype when autocast is on: cast once, instead of once per consumer."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _check_input(x: torch.Tensor, img_size: tuple[int, int]) -> None:
+    if x.ndim != 4 or tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not fit this model, built for images of "
+            f"{img_size[0]}x{img_size[1]}: resize/crop the input to that size, or build the "
+            f"model with img_size={tuple(x.shape[-2:])}"
+        )
+
+
+torch.fx.wrap("_in_autocast_dtype")
+torch.fx.wrap("_check_input")
+
+
 class DynaMixerOp(nn.Module):
     """Dynamic token mixing along one axis of length `seq_len` (docs/paper.md, section 1).
 
@@ -58,7 +81,7 @@ class DynaMixerOp(nn.Module):
 
     def generated(self, z: torch.Tensor) -> torch.Tensor:
         """Mixing matrices from the compressed tokens `z = compress(x)`, `(B, L, N, S*d)`."""
-        B, L, N, _ = z.shape
+        B, L, N = z.shape[0], z.shape[1], self.seq_len  # indexed, not unpacked: FX traces it
         # token-major flattening per segment: token 0's d values, then token 1's, ...
         z = z.unflatten(-1, (self.segments, self.reduced_dim)).transpose(2, 3).reshape(B, L, self.segments, -1)
         logits = self.generate(z).unflatten(-1, (N, N))
@@ -111,8 +134,8 @@ class DynaMixerTokenMixer(nn.Module):
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three branch outputs `h, w, c`, each `(B, H, W, C)`."""
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if not torch.jit.is_scripting():
+            x = _in_autocast_dtype(x)
         # the column op sees (B, W, H, C) views: no copy of x, only of the small compressed tokens
         p_h = self.mix_h.generated(self.mix_h.compress(x).transpose(1, 2))
         y_h = self.mix_h.mix(p_h, x.transpose(1, 2)).transpose(1, 2)  # (B, H, W, S, C/S)
@@ -362,17 +385,10 @@ class DynaMixer(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} does not fit this model, built for images of "
-                f"{self.img_size[0]}x{self.img_size[1]}: resize/crop the input to that size, or build the "
-                f"model with img_size={tuple(x.shape[-2:])}"
-            )
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, 3, H, W)` -> normalised tokens `(B, H', W', C)` of the last stage."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            _check_input(x, self.img_size)
         x = self.stem(x).permute(0, 2, 3, 1)
         for stage in self.stages:
             if self.grad_checkpointing and not torch.jit.is_scripting():
