@@ -104,3 +104,27 @@ def test_layer_decay_scales_each_block_by_its_depth(tmp_path: Path) -> None:
     assert head == 1.0 and stem < first < last < head
     # powers of layer_decay, one per step in depth: stem, 7 blocks, the final norm with the head
     assert sorted({round(math.log(s, 0.5), 6) for s in scale_of.values()}) == list(range(9))
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_other_digits_beats_training_from_scratch(tmp_path: Path) -> None:
+    """Pre-train on digits 0-4, then the same small budget (20 steps) on digits 5-9 from those weights and
+    from scratch. Measured: 0.678 vs 0.439 best val top-1 (60 steps: 0.744 vs 0.494)."""
+    quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    pre = ["data.classes=[0,1,2,3,4]", "trainer.max_epochs=20", "data.train_aug.scale=[0.5,1.0]"]
+    train(compose_job_config([*quiet, *pre], tmp_path / "pre"))
+    budget = [
+        *quiet,
+        "data.classes=[5,6,7,8,9]",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=10",
+        "scheduler.warmup_epochs=0",
+        "module.ema_decay=null",
+    ]
+    weights = [
+        f"model.pretrained_file={tmp_path / 'pre' / 'checkpoints' / 'last.ckpt'}",
+        "model.pretrained_weights=raw",
+    ]
+    scratch = train(compose_job_config(budget, tmp_path / "scratch"))["best"]["val/acc1"]
+    tuned = train(compose_job_config([*budget, *weights], tmp_path / "tuned"))["best"]["val/acc1"]
+    assert tuned > scratch + 0.1, (tuned, scratch)
