@@ -27,7 +27,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("export")
     train(compose_job_config([*QUIET, "model.segments=2"], root / "run"))
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
-    export(OmegaConf.create({"ckpt_path": str(ckpt), "weights": "ema", "out_dir": str(root / "out")}))
+    export(OmegaConf.create({"ckpt_path": str(ckpt), "weights": "ema", "out_dir": str(root / "out"), "onnx": True}))
     return ckpt, root / "out"
 
 
@@ -53,3 +53,16 @@ def test_timm_local_dir_gives_the_checkpoints_logits(exported) -> None:
     fine_tuned_start = create_model("dynamixer_tiny", pretrained_file=str(folder), segments=2).eval()
     with torch.no_grad():
         assert torch.equal(fine_tuned_start(images), ours(images))
+
+
+def test_the_onnx_file_gives_the_checkpoints_logits_for_any_batch_size(exported) -> None:
+    import onnxruntime
+
+    ckpt, folder = exported
+    ours, _ = load_model(str(ckpt), "ema")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, 32, 32)
+        (logits,) = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            assert abs(torch.from_numpy(logits) - ours(images)).max() < 1e-4
