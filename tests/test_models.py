@@ -525,3 +525,16 @@ def test_registered_variant_works_the_timm_way(name):
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="does not fit this model"):
         model(torch.randn(1, 3, 128, 128))
+
+
+def test_forward_intermediates_give_every_stage_and_the_final_features():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert [tuple(s.shape) for s in stages] == [(2, 64, 8, 8), (2, 112, 4, 4), (2, 112, 4, 4), (2, 112, 4, 4)]
+        assert [(f["num_chs"], f["reduction"]) for f in model.feature_info] == [(64, 4), (112, 8), (112, 8), (112, 8)]
+        (last,) = model.forward_intermediates(x, indices=1, output_fmt="NHWC", intermediates_only=True)
+        assert torch.equal(last, stages[-1].permute(0, 2, 3, 1))
+    assert model.prune_intermediate_layers([1]) == [1] and len(model.stages) == 2

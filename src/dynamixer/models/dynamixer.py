@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 __all__ = [
     "DynaMixer",
@@ -322,6 +323,11 @@ class DynaMixer(nn.Module):
         self.grad_checkpointing = bool(grad_checkpointing)
 
         self.stem = nn.Conv2d(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size)
+        # timm's feature metadata: channels and stride of each stage's output
+        reductions = [patch_size * 2 ** sum(transitions[:i]) for i in range(NUM_STAGES)]
+        self.feature_info = [
+            {"num_chs": embed_dims[i], "reduction": reductions[i], "module": f"stages.{i}"} for i in range(NUM_STAGES)
+        ]
         # stochastic depth grows linearly with the global layer index
         dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
         stages, in_dim, first = [], embed_dims[0], 0
@@ -396,6 +402,47 @@ class DynaMixer(nn.Module):
             else:
                 x = stage(x)
         return self.norm(x)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the outputs of the stages `indices` (default all; an int: the last n),
+        `(B, C, H', W')` (`output_fmt="NHWC"`: channels last), and the final normalised tokens
+        `(B, H', W', C)` unless `intermediates_only`. `norm` applies the final norm to the last stage's."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported: use 'NCHW' or 'NHWC'")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        _check_input(x, self.img_size)
+        x = self.stem(x).permute(0, 2, 3, 1)
+        intermediates = []
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of `indices` (and the norm and head when asked); timm's feature API."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
