@@ -81,3 +81,54 @@ def test_sweep_summary_reads_overrides_and_results(tmp_path: Path) -> None:
     assert lines[2].startswith("| 0_model.reduced_dim=1 | 1 | finished | 0.5000")
     assert lines[3].startswith("| 1_model.reduced_dim=2 | 2 | finished | 0.7500")
     assert paths["plot"].stat().st_size > 1000
+
+
+def write_job(sweep: Path, num: int, overrides: dict, acc: float, status: str = "finished") -> None:
+    job = sweep / f"{num}_job"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in overrides.items()]))
+    results = {"status": status, "monitor": "val/acc1", "best": {"val/acc1": acc} if status == "finished" else None}
+    (job / "results.json").write_text(json.dumps(results))
+
+
+def test_seeds_are_replicates_with_mean_std_and_their_values(tmp_path: Path) -> None:
+    values = {1: [0.90, 0.92, 0.94], 8: [0.95, 0.97, 0.96]}
+    num = 0
+    for segments, accs in values.items():
+        for seed, acc in enumerate(accs):
+            write_job(tmp_path, num, {"model.segments": segments, "seed": seed}, acc)
+            num += 1
+    write_job(tmp_path, num, {"model.segments": 8, "seed": 3}, 0.0, status="failed")  # not counted
+    paths = summarize(tmp_path)
+    report = json.loads(paths["json"].read_text())
+    by_value = {s["values"]["model.segments"]: s for s in report["settings"]}
+    assert by_value[1]["n"] == 3 and by_value[8]["n"] == 3 and by_value[8]["jobs"] == 4
+    assert by_value[1]["metrics"]["val/acc1"]["values"] == [0.90, 0.92, 0.94]
+    assert by_value[1]["metrics"]["val/acc1"]["mean"] == pytest.approx(0.92)
+    assert by_value[1]["metrics"]["val/acc1"]["std"] == pytest.approx(0.02)  # sample std
+    assert by_value[8]["metrics"]["val/acc1"]["mean"] == pytest.approx(0.96)
+    table = paths["table"].read_text().splitlines()
+    assert table[0].startswith("| model.segments | n | best val/acc1 (mean ± std)")
+    assert table[2].startswith("| 1 | 3 | 0.9200 ± 0.0200") and table[3].startswith("| 8 | 3 | 0.9600 ± 0.0100")
+    assert paths["plot"].stat().st_size > 1000
+
+
+def test_a_two_axis_sweep_is_shown_as_a_grid(tmp_path: Path) -> None:
+    num = 0
+    for segments in (1, 2):
+        for reduced in (1, 2, 4):
+            for seed in (0, 1):
+                write_job(
+                    tmp_path,
+                    num,
+                    {"model.segments": segments, "model.reduced_dim": reduced, "seed": seed},
+                    0.5 + 0.1 * segments + 0.01 * reduced + 0.001 * seed,
+                )
+                num += 1
+    paths = summarize(tmp_path)
+    text = paths["table"].read_text()
+    grid = text[text.index("(rows) x") :].splitlines()
+    assert grid[2] == "| model.reduced_dim \\ model.segments | 1 | 2 |"  # first axis down, second across
+    assert grid[4].startswith("| 1 | 0.6105 ± 0.0007 | 0.7105 ± 0.0007 |")
+    assert "0.6105 ± 0.0007" in text  # segments 1, reduced_dim 1: seeds 0 and 1
+    assert paths["plot"].stat().st_size > 1000

@@ -538,3 +538,31 @@ def test_forward_intermediates_give_every_stage_and_the_final_features():
         (last,) = model.forward_intermediates(x, indices=1, output_fmt="NHWC", intermediates_only=True)
         assert torch.equal(last, stages[-1].permute(0, 2, 3, 1))
     assert model.prune_intermediate_layers([1]) == [1] and len(model.stages) == 2
+
+
+def test_static_mixing_learns_matrices_that_do_not_depend_on_the_input():
+    """The control of the paper's claim: the same operation, with learned instead of generated matrices."""
+    static, dynamic = tiny(mixing="static"), tiny()
+    ops = [m for m in static.modules() if isinstance(m, DynaMixerOp)]
+    assert all(op.static and not hasattr(op, "generate") for op in ops)
+    assert n_params(static) < n_params(dynamic)
+    randomize_(static), randomize_(dynamic)
+    a, b = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    for model, same in ((static, True), (dynamic, False)):
+        first, second = model.explain(a), model.explain(b)
+        for layer_a, layer_b in zip(first, second):
+            for key in ("mix_h", "mix_w"):
+                assert torch.allclose(layer_a[key].sum(-2), torch.ones(())), key  # softmax over source tokens
+                assert torch.equal(layer_a[key], layer_b[key]) == same, key
+    # it trains: the matrices get gradients and a few steps lower the loss on a fixed batch
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.AdamW(static.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(static(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(op.static_logits.grad.abs().sum() > 0 for op in ops)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

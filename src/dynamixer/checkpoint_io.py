@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,21 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_unnamed(obj: Any, folder: Path, name: Path) -> bool:
-    """`torch.save(obj)` into an unnamed file of `folder` that gets the name `name` once complete.
-    False where the file system cannot do that (no `O_TMPFILE`, or no link from /proc)."""
+def _keep_previous(path: Path) -> None:
+    """Keep the file at `path`, if any, as `previous_path(path)` (a hard link, or a copy)."""
+    if path.exists():
+        keep = _temporary_path(previous_path(path))
+        try:
+            os.link(path, keep)
+        except OSError:  # no hard links on this file system
+            shutil.copy2(path, keep)
+        os.replace(keep, previous_path(path))
+
+
+def _write_unnamed(obj: Any, folder: Path, name: Path, before_naming: Callable[[], None]) -> bool:
+    """`torch.save(obj)` into an unnamed file of `folder` that gets the name `name` once complete (and
+    `before_naming` has run). False where the file system cannot do that (no `O_TMPFILE`, or no link
+    from /proc)."""
     flag = getattr(os, "O_TMPFILE", None)
     if flag is None:
         return False
@@ -63,6 +76,7 @@ def _write_unnamed(obj: Any, folder: Path, name: Path) -> bool:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+        before_naming()  # so that the name exists only for the instant until it replaces the target
         try:
             # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: Python uses it only with a src_dir_fd
             proc_fds = os.open("/proc/self/fd", os.O_RDONLY)
@@ -81,18 +95,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_path(path)
     try:
-        if not _write_unnamed(obj, path.parent, tmp):
+        if not _write_unnamed(obj, path.parent, tmp, before_naming=lambda: _keep_previous(path)):
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
-        if path.exists():
-            keep = _temporary_path(previous_path(path))
-            try:
-                os.link(path, keep)
-            except OSError:  # no hard links on this file system
-                shutil.copy2(path, keep)
-            os.replace(keep, previous_path(path))
+            _keep_previous(path)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     finally:

@@ -1,4 +1,5 @@
-"""Summarise a multirun: one row per job (its overrides and metrics), a Markdown table and a plot.
+"""Summarise a multirun: one row per job (its overrides and metrics); jobs that differ only in `seed` are
+replicates of one setting (mean ± std over them); a Markdown table, a grid for two swept axes, a plot.
 
     python -m dynamixer.sweep logs/train/multiruns/<run_name> [--metric val/ema_acc1]
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,82 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
 
 
+REPLICATE_KEY = "seed"  # jobs that differ only in it are replicates of one setting
+
+
+def settings(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """The jobs grouped by their swept values other than `seed` (replicates of one setting): per setting its
+    values, `n` finished jobs, their seeds, and for each metric the per-seed values, mean and standard
+    deviation (sample std, n-1; 0 for one job)."""
+    axes = [k for k in keys if k != REPLICATE_KEY]
+    groups: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        values = {k: r["overrides"].get(k) for k in axes}
+        group = groups.setdefault(json.dumps(values), {"values": values, "jobs": []})
+        group["jobs"].append(r)
+    out = []
+    for group in groups.values():
+        done = [r for r in group["jobs"] if r.get("status") == "finished"]
+        metrics = {}
+        for m in METRICS:
+            values = [v for v in (_metric(r, m) for r in done) if v is not None]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                metrics[m] = {"mean": statistics.fmean(values), "std": std, "values": values}
+        out.append(
+            {
+                "values": group["values"],
+                "n": len(done),
+                "jobs": len(group["jobs"]),
+                "seeds": [r["overrides"].get(REPLICATE_KEY) for r in done],
+                "metrics": metrics,
+                "num_params": next((r.get("num_params") for r in done), None),
+                "gmacs": next((r.get("gmacs") for r in done), None),
+            }
+        )
+    return out
+
+
 def _metric(row: dict[str, Any], name: str) -> float | None:
     best = row.get("best") or {}
     value = best.get(name)
     return None if value is None else float(value)
+
+
+def _mean_std(setting: dict[str, Any], metric: str) -> str:
+    m = setting["metrics"].get(metric)
+    return "" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
+def settings_markdown(groups: list[dict[str, Any]], metric: str) -> str:
+    """One row per setting: its values, n, mean ± std of every metric, size; with two swept axes, also the
+    main metric as a grid (first axis down, second across)."""
+    axes = list(groups[0]["values"]) if groups else []
+    metrics = [metric] + [m for m in METRICS if m != metric]
+    header = [*axes, "n", *[f"best {m} (mean ± std)" for m in metrics], "params", "GMACs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        cells = [json.dumps(g["values"][k]) for k in axes] + [str(g["n"])]
+        cells += [_mean_std(g, m) for m in metrics]
+        cells += [f"{g['num_params']:,}" if g.get("num_params") else "", str(g.get("gmacs") or "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(axes) == 2:
+        down, across = (sorted({json.dumps(g["values"][a]) for g in groups}, key=_sort_key) for a in axes)
+        cell = {(json.dumps(g["values"][axes[0]]), json.dumps(g["values"][axes[1]])): g for g in groups}
+        lines += ["", f"best {metric}, mean ± std: {axes[0]} (rows) x {axes[1]} (columns)", ""]
+        lines += ["| " + " | ".join([f"{axes[0]} \\ {axes[1]}", *across]) + " |", "|" + "---|" * (len(across) + 1)]
+        for d in down:
+            lines.append(
+                "| "
+                + " | ".join([d, *[_mean_std(cell[(d, a)], metric) if (d, a) in cell else "" for a in across]])
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _sort_key(text: str) -> tuple:
+    value = json.loads(text)
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, text)
 
 
 def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
@@ -72,36 +146,51 @@ def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> Path:
-    """`metric` against the swept value (one line per combination of the other swept keys)."""
+def plot(groups: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """The settings' mean `metric` against the first swept axis, with error bars of one standard deviation
+    over the seeds (one line per value of the other axes); with two axes, also a heat map of the grid."""
     # a bare Figure, not pyplot: no GUI backend needed, and a notebook's backend stays as it is
     from matplotlib.figure import Figure
 
-    x_key = keys[0] if keys else "job"
-    series: dict[str, list[tuple[Any, float]]] = {}
-    for r in rows:
-        y = _metric(r, metric)
-        if y is None:
+    axes = list(groups[0]["values"]) if groups else []
+    x_key = axes[0] if axes else "setting"
+    series: dict[str, list[tuple[Any, float, float]]] = {}
+    for i, g in enumerate(groups):
+        m = g["metrics"].get(metric)
+        if m is None:
             continue
-        x = r["overrides"].get(x_key, r["job"])
-        label = ", ".join(f"{k}={r['overrides'].get(k)}" for k in keys[1:]) or metric
-        series.setdefault(label, []).append((x, y))
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    numeric = all(isinstance(x, (int, float)) for s in series.values() for x, _ in s)
+        x = g["values"][x_key] if axes else i
+        label = ", ".join(f"{k}={g['values'][k]}" for k in axes[1:]) or metric
+        series.setdefault(label, []).append((x, m["mean"], m["std"]))
+    fig = Figure(figsize=(11 if len(axes) == 2 else 6, 4))
+    ax, *grid_ax = fig.subplots(1, 2 if len(axes) == 2 else 1, squeeze=False)[0]
+    numeric = all(isinstance(x, (int, float)) for s in series.values() for x, _, _ in s)
     for label, points in series.items():
         points = sorted(points, key=lambda p: p[0]) if numeric else points
         xs = [p[0] if numeric else str(p[0]) for p in points]
-        ax.plot(xs, [p[1] for p in points], marker="o", label=label)
-    if numeric and all(x > 0 for s in series.values() for x, _ in s):
+        ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=label)
+    if numeric and all(x > 0 for s in series.values() for x, _, _ in s):
         ax.set_xscale("log", base=2)
-        ticks = sorted({x for s in series.values() for x, _ in s})
+        ticks = sorted({x for s in series.values() for x, _, _ in s})
         ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel(x_key)
-    ax.set_ylabel(f"best {metric}")
+    ax.set_ylabel(f"best {metric} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    if grid_ax:
+        down, across = (sorted({json.dumps(g["values"][a]) for g in groups}, key=_sort_key) for a in axes)
+        means = {
+            (json.dumps(g["values"][axes[0]]), json.dumps(g["values"][axes[1]])): g["metrics"].get(metric)
+            for g in groups
+        }
+        grid = [[(means.get((d, a)) or {}).get("mean", float("nan")) for a in across] for d in down]
+        image = grid_ax[0].imshow(grid, cmap="viridis", aspect="auto")
+        grid_ax[0].set_xticks(range(len(across)), across)
+        grid_ax[0].set_yticks(range(len(down)), down)
+        grid_ax[0].set_xlabel(axes[1])
+        grid_ax[0].set_ylabel(axes[0])
+        fig.colorbar(image, ax=grid_ax[0], label=f"best {metric} (mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -116,9 +205,14 @@ def summarize(sweep_dir: str | Path, metric: str | None = None) -> dict[str, Pat
     metric = metric or next((r["monitor"] for r in rows if r.get("monitor")), "val/acc1")
     keys = swept_keys(rows)
     out = {"table": sweep_dir / "sweep.md", "json": sweep_dir / "sweep.json", "plot": sweep_dir / "sweep.png"}
-    out["table"].write_text(to_markdown(rows, keys, metric))
-    out["json"].write_text(json.dumps({"metric": metric, "swept": keys, "jobs": rows}, indent=2, default=str) + "\n")
-    plot(rows, keys, metric, out["plot"])
+    groups = settings(rows, keys)
+    table = to_markdown(rows, keys, metric)
+    if REPLICATE_KEY in keys or len(groups[0]["values"]) == 2:  # the settings (mean ± std, grid), then every job
+        table = settings_markdown(groups, metric) + "\n" + table
+    out["table"].write_text(table)
+    report = {"metric": metric, "swept": keys, "settings": groups, "jobs": rows}
+    out["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot(groups, metric, out["plot"])
     return out
 
 

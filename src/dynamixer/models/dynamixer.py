@@ -58,19 +58,42 @@ class DynaMixerOp(nn.Module):
     Input `(B, L, N, C)`: `L` independent sequences of `N = seq_len` tokens with `C` channels.
     Output: same shape. The `N x N` mixing matrix of each sequence and segment is generated from
     the content of all `N` tokens, compressed to `reduced_dim` channels per segment.
+
+    `mixing="static"` is the control of the paper's claim: everything stays (segments, softmax over the
+    source tokens, the output projection) but each segment's `N x N` logits are learned parameters
+    (`static_logits`, `(S, N, N)`) instead of being generated from the tokens.
     """
 
-    def __init__(self, dim: int, seq_len: int, segments: int, reduced_dim: int):
+    __constants__ = ["static"]  # a constant for TorchScript: only one kind of matrices is compiled
+
+    def __init__(
+        self, dim: int, seq_len: int, segments: int, reduced_dim: int, mixing: Literal["dynamic", "static"] = "dynamic"
+    ):
         super().__init__()
         if dim % segments:
             raise ValueError(
                 f"dimension {dim} is not divisible by segments={segments}: choose a segment count "
                 f"that divides {dim} (e.g. one of {_divisors(dim)})"
             )
+        if mixing not in ("dynamic", "static"):
+            raise ValueError(f"mixing={mixing!r} is not known: use 'dynamic' (the paper) or 'static' (the control)")
         self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
-        self.compress = nn.Linear(dim, segments * reduced_dim)
-        self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
+        self.static = mixing == "static"
+        if self.static:
+            self.static_logits = nn.Parameter(torch.zeros(segments, seq_len, seq_len))
+        else:
+            self.compress = nn.Linear(dim, segments * reduced_dim)
+            self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
         self.out = nn.Linear(dim, dim)
+
+    def static_matrices(self, dtype: torch.dtype) -> torch.Tensor:
+        """The learned mixing matrices `(S, N, N)` of `mixing="static"`; they broadcast over `(B, L)`."""
+        return self.static_logits.softmax(dim=-2).to(dtype)
+
+    def matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixing matrices for tokens `x` `(B, L, N, C)`, for `mix`: `(B, L, S, N, N)` generated, or the
+        static `(S, N, N)`."""
+        return self.static_matrices(x.dtype) if self.static else self.mixing_matrices(x)
 
     def mixing_matrices(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing matrices `(B, L, S, N, N)` for input `(B, L, N, C)`.
@@ -78,6 +101,8 @@ class DynaMixerOp(nn.Module):
         Entry `[..., s, i, j]` is the weight output token `j` gives to source token `i` in segment
         `s`; each column sums to 1 (softmax over `i`).
         """
+        if self.static:
+            return self.static_matrices(x.dtype).expand(x.shape[0], x.shape[1], -1, -1, -1)
         return self.generated(self.compress(x))
 
     def generated(self, z: torch.Tensor) -> torch.Tensor:
@@ -92,16 +117,17 @@ class DynaMixerOp(nn.Module):
         return logits.softmax(dim=-2).to(z.dtype)
 
     def mix(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`Y_s[j] = sum_i P_s[i, j] X_s[i]` for matrices `p` `(B, L, S, N, N)` and tokens `x`
+        """`Y_s[j] = sum_i P_s[i, j] X_s[i]` for matrices `p` `(B, L, S, N, N)` (or `(S, N, N)`) and tokens `x`
         `(B, L, N, C)` (any strides): `(B, L, N, S, C/S)`, a view of one batched matmul's result."""
         xs = x.unflatten(-1, (self.segments, -1)).transpose(2, 3)  # (B, L, S, N, C/S)
         return (p.mT @ xs).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mix(self.mixing_matrices(x), x).flatten(-2))
+        return self.out(self.mix(self.matrices(x), x).flatten(-2))
 
     def extra_repr(self) -> str:
-        return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}"
+        mixing = "static" if self.static else "dynamic"
+        return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}, mixing={mixing}"
 
 
 class DynaMixerTokenMixer(nn.Module):
@@ -121,13 +147,14 @@ class DynaMixerTokenMixer(nn.Module):
         fusion: Literal["reweight", "sum"] = "reweight",
         channel_bias: bool = False,
         proj_drop: float = 0.0,
+        mixing: Literal["dynamic", "static"] = "dynamic",
     ):
         super().__init__()
         if fusion not in ("reweight", "sum"):
             raise ValueError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
-        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim)
-        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim)
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing)
+        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing)
         self.mlp_c = nn.Linear(dim, dim, bias=channel_bias)
         self.reweight = Mlp(dim, dim // 4, dim * 3) if fusion == "reweight" else None
         self.proj = nn.Linear(dim, dim)
@@ -138,7 +165,10 @@ class DynaMixerTokenMixer(nn.Module):
         if not torch.jit.is_scripting():
             x = _in_autocast_dtype(x)
         # the column op sees (B, W, H, C) views: no copy of x, only of the small compressed tokens
-        p_h = self.mix_h.generated(self.mix_h.compress(x).transpose(1, 2))
+        if self.mix_h.static:
+            p_h = self.mix_h.static_matrices(x.dtype)
+        else:
+            p_h = self.mix_h.generated(self.mix_h.compress(x).transpose(1, 2))
         y_h = self.mix_h.mix(p_h, x.transpose(1, 2)).transpose(1, 2)  # (B, H, W, S, C/S)
         h = self.mix_h.out(y_h.flatten(-2))
         w = self.mix_w(x)
@@ -187,6 +217,7 @@ class DynaMixerBlock(nn.Module):
         reduced_dim: int,
         mlp_ratio: float = 3.0,
         fusion: Literal["reweight", "sum"] = "reweight",
+        mixing: Literal["dynamic", "static"] = "dynamic",
         channel_bias: bool = False,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
@@ -196,7 +227,14 @@ class DynaMixerBlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.token_mixer = DynaMixerTokenMixer(
-            dim, resolution, segments, reduced_dim, fusion=fusion, channel_bias=channel_bias, proj_drop=proj_drop
+            dim,
+            resolution,
+            segments,
+            reduced_dim,
+            fusion=fusion,
+            channel_bias=channel_bias,
+            proj_drop=proj_drop,
+            mixing=mixing,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -273,6 +311,8 @@ class DynaMixer(nn.Module):
 
     Images `(B, in_chans, H, W)` with `(H, W) == img_size` in; logits `(B, num_classes)` out.
     `segments`, `reduced_dim` and `mlp_ratio` take one value for all stages or a per-stage list.
+    `mixing="static"` learns each segment's mixing matrices as parameters instead of generating them from
+    the tokens (the control of the paper's claim); `fusion="sum"` sums the branches instead of re-weighting.
     `grad_checkpointing` recomputes each stage's activations in the backward pass instead of keeping
     them (less training memory for about one more forward pass of time; `set_grad_checkpointing`).
     """
@@ -290,6 +330,7 @@ class DynaMixer(nn.Module):
         reduced_dim: int | Sequence[int] = 2,
         mlp_ratio: float | Sequence[float] = 3.0,
         fusion: Literal["reweight", "sum"] = "reweight",
+        mixing: Literal["dynamic", "static"] = "dynamic",
         channel_bias: bool = False,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -344,6 +385,7 @@ class DynaMixer(nn.Module):
                     reduced_dim=reduced_dim[i],
                     mlp_ratio=mlp_ratio[i],
                     fusion=fusion,
+                    mixing=mixing,
                     channel_bias=channel_bias,
                     proj_drop=proj_drop_rate,
                     norm_layer=norm_layer,

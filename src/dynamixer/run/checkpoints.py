@@ -126,7 +126,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def _describe(model_cfg: Any, num_classes: Any) -> str:
     """The model config's architecture keys that are set (unset ones are the variant's own)."""
-    keys = ("model_name", "img_size", "segments", "reduced_dim", "fusion")
+    keys = ("model_name", "img_size", "segments", "reduced_dim", "fusion", "mixing")
     return f"{ {k: model_cfg.get(k) for k in keys if model_cfg.get(k) is not None} } with {num_classes} classes"
 
 

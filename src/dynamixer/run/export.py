@@ -15,7 +15,7 @@ from dynamixer.run.checkpoints import load_model
 log = logging.getLogger(__name__)
 
 # the model arguments that define the architecture beyond the variant's name (training-only ones stay out)
-ARCHITECTURE_ARGS = ("img_size", "segments", "reduced_dim", "fusion")
+ARCHITECTURE_ARGS = ("img_size", "segments", "reduced_dim", "fusion", "mixing")
 
 
 def export(cfg: DictConfig) -> Path:
