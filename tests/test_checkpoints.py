@@ -48,7 +48,9 @@ def with_pickled_object(trained, tmp_path: Path, marker: Path) -> Path:
     return crafted(trained, tmp_path, lambda c: c.__setitem__("extra", Marker(marker)))
 
 
-def test_a_pickled_object_is_refused_by_test_predict_and_resume(trained, tmp_path: Path, user_error) -> None:
+def test_a_pickled_object_is_refused_by_test_predict_resume_and_pretrained_file(
+    trained, tmp_path: Path, user_error
+) -> None:
     marker = tmp_path / "pwned"
     evil = with_pickled_object(trained, tmp_path, marker)
     data = f"data.data_dir={trained[1]}"
@@ -56,6 +58,7 @@ def test_a_pickled_object_is_refused_by_test_predict_and_resume(trained, tmp_pat
         ("test.py", [f"ckpt_path={evil}", data, "hardware=cpu"]),
         ("predict.py", [f"ckpt_path={evil}", f"inputs={trained[1] / 'val'}"]),
         ("train.py", [*QUIET, *IMAGENET, data, f"ckpt_path={evil}"]),
+        ("train.py", [*QUIET, *IMAGENET, data, f"model.pretrained_file={evil}"]),
     ):
         message = user_error(script, args, tmp_path)
         assert "refused to open" in message and "run code" in message, (script, message)

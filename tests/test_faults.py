@@ -74,10 +74,12 @@ def resumed_history(run_dir: Path) -> list[dict]:
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 
-def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path: Path) -> None:
-    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=straight"))
+@pytest.mark.parametrize("setup", [[], ["hardware=cpu", "trainer.devices=2"]], ids=["one process", "DDP, 2 ranks"])
+def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(setup: list[str], tmp_path: Path) -> None:
+    """SIGTERM to the (rank 0) process in the middle of an epoch; the losses are rank 0's."""
+    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=straight", *setup))
     run_dir = tmp_path / "logs/train/runs/pre"
-    proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre")
+    proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre", *setup)
     # stop in the middle of the second epoch, past the epoch-end checkpoint
     wait_for(lambda: saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH, proc)
     wait_for(lambda: logged_steps(run_dir) and max(logged_steps(run_dir)) >= STEPS_PER_EPOCH + 1, proc)
@@ -89,7 +91,7 @@ def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(tmp_p
     assert STEPS_PER_EPOCH < stopped < 2 * STEPS_PER_EPOCH  # mid-epoch: the exact step, not the epoch start
     assert results(run_dir)["status"] == "interrupted" and results(run_dir)["global_step"] == stopped
 
-    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=pre", "ckpt_path=auto"))
+    finish(start(tmp_path, "trainer.max_epochs=2", "run_name=pre", "ckpt_path=auto", *setup))
     # metrics.csv kept the rows from before the stop and continued: every step once, in order
     assert logged_steps(run_dir) == list(range(2 * STEPS_PER_EPOCH))
     assert results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH and results(run_dir)["status"] == "finished"
