@@ -42,7 +42,7 @@ class ClassificationDataModule(LightningDataModule, ABC):
     ``batch_size`` is per device. ``train_aug`` overrides keys of the subclass's
     ``default_train_aug`` (both are keyword arguments of ``build_transform``'s
     training branch). Subclasses set ``default_train_aug`` and implement
-    ``num_classes``, ``class_names`` and ``_build_datasets``. The datasets are built
+    ``class_names`` and ``_build_datasets``. The datasets are built
     in ``setup`` (or lazily by the first dataloader call). The training loader shards
     itself over the ranks and resumes mid-epoch (``state_dict``, ``dynamixer.data.sampling``);
     ``seed`` fixes its order and augmentations. Lightning shards the evaluation loaders.
@@ -91,8 +91,8 @@ class ClassificationDataModule(LightningDataModule, ABC):
         self.val_set: Dataset | None = None
 
     @property
-    @abstractmethod
-    def num_classes(self) -> int: ...
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     @property
     @abstractmethod

@@ -80,10 +80,6 @@ class CIFARDataModule(ClassificationDataModule):
         self._train_tf = padded_crop_transform(self.img_size, self.mean, self.std)
 
     @property
-    def num_classes(self) -> int:
-        return len(self._classes)
-
-    @property
     def class_names(self) -> list[str]:
         return list(self._classes)
 

@@ -53,10 +53,6 @@ class DigitsDataModule(ClassificationDataModule):
             raise ValueError(f"classes={list(classes)}: give distinct digits 0-9, e.g. [5, 6, 7, 8, 9]")
 
     @property
-    def num_classes(self) -> int:
-        return len(self.digits)
-
-    @property
     def class_names(self) -> list[str]:
         return [str(d) for d in self.digits]
 

@@ -189,10 +189,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         self._classes = train_classes
 
     @property
-    def num_classes(self) -> int:
-        return len(self._classes)
-
-    @property
     def class_names(self) -> list[str]:
         return list(self._classes)
 
