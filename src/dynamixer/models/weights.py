@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from .dynamixer import DynaMixer, checkpoint_filter_fn
 
-__all__ = ["create_model", "load_pretrained_file", "read_weights"]
+__all__ = ["create_model", "load_pretrained_file", "read_weights", "training_weights"]
 
 
 def read_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -47,16 +47,22 @@ def read_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str, tor
         ) from None
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     if any(k.startswith(("model.", "ema.module.")) for k in state):  # one of our training checkpoints
-        if weights not in ("ema", "raw"):
-            raise ValueError(f"model.pretrained_weights={weights} is not known: use ema or raw")
-        prefix = "ema.module." if weights == "ema" else "model."
-        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not found:
-            raise ValueError(
-                f"{path} has no EMA weights (trained with module.ema_decay=null): use model.pretrained_weights=raw"
-            )
-        return found
+        return training_weights(state, weights, path, option="model.pretrained_weights")
     return checkpoint
+
+
+def training_weights(
+    state_dict: dict[str, torch.Tensor], weights: str, path: str | os.PathLike, option: str
+) -> dict[str, torch.Tensor]:
+    """The backbone in the state dict of one of our training checkpoints: its raw (`model.`) or EMA
+    (`ema.module.`) weights; `option` is the setting that chose `weights`, named in the errors."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"{option}={weights} is not known: use {option}=ema or {option}=raw")
+    prefix = "ema.module." if weights == "ema" else "model."
+    found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not found:
+        raise ValueError(f"{path} has no EMA weights (trained with module.ema_decay=null): use {option}=raw")
+    return found
 
 
 def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str = "ema") -> list[str]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.lit_module import CHECKPOINT_FORMAT
+from dynamixer.models.weights import training_weights
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,10 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
 
 def backbone_state(checkpoint: dict[str, Any], weights: str, ckpt_path: str) -> dict[str, torch.Tensor]:
     """The backbone's state dict in a training checkpoint: its raw (`model.`) or EMA (`ema.module.`) weights."""
-    if weights not in ("raw", "ema"):
-        raise CheckpointError(f"weights={weights} is not known: use weights=raw or weights=ema")
-    prefix = "ema.module." if weights == "ema" else "model."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(f"{ckpt_path} has no EMA weights (trained with module.ema_decay=null): use weights=raw")
-    return state
+    try:
+        return training_weights(checkpoint["state_dict"], weights, ckpt_path, option="weights")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_run_config(checkpoint: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> DictConfig:
