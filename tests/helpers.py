@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import timm
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,3 +180,22 @@ def compose_job_config(overrides: Sequence[str], output_dir: str | os.PathLike):
         cfg.paths.output_dir = str(output_dir)
         del cfg["hydra"]
     return cfg
+
+
+def fetch_timm_model_tests(dest: Path) -> Path:
+    """timm's own model tests (`tests/` of the installed timm version's source release, from the package
+    index) extracted into `dest`; returns that `tests` folder. Skips the test when the index is unreachable."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", f"timm=={timm.__version__}", "--no-binary", ":all:"]
+        + ["--no-deps", "--quiet", "--dest", str(dest)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        pytest.skip(f"timm's test suite needs the package index (pip download timm=={timm.__version__}): {proc.stderr}")
+    (archive,) = dest.glob("timm-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        # only the tests: the checkout's `timm/` folder would shadow the installed package
+        tests = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"]]
+        tar.extractall(dest, members=tests, filter="data")
+    return dest / archive.name.removesuffix(".tar.gz") / "tests"

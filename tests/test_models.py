@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -14,6 +17,7 @@ import dynamixer  # noqa: F401  (registers the timm models)
 from dynamixer import load_release_checkpoint
 from dynamixer.models import DynaMixer, DynaMixerOp, DynaMixerTokenMixer, model_kwargs_from_release
 from helpers import REFERENCE_DIR as REFERENCE
+from helpers import fetch_timm_model_tests
 from reference_model import ReferenceDynaMixer, reference_from, reference_key_map
 
 EXPECTED_PARAMS = {"dynamixer_s": 26_265_960, "dynamixer_m": 57_128_264, "dynamixer_l": 97_818_088}
@@ -506,25 +510,54 @@ def test_block_branches_match_reference_block():
 
 
 # ------------------------------------------------------ what timm expects of a registered model
-@pytest.mark.parametrize("name", ["dynamixer_tiny", "dynamixer_s", "dynamixer_m", "dynamixer_l"])
-def test_registered_variant_works_the_timm_way(name):
-    """At the input size of its default cfg: forward and backward, the cfg's fields (a fixed input size),
-    TorchScript and FX tracing give the eager logits, and a wrong input size is refused."""
-    model = timm.create_model(name).eval()
+@pytest.mark.slow
+def test_timm_own_model_tests_pass_on_every_registered_variant(tmp_path):
+    """tests/test_models.py of pytorch-image-models (the installed version's release) on our variants: forward,
+    backward, default cfgs, factory device/dtype, TorchScript, FX tracing, features, intermediates."""
+    timm_tests = fetch_timm_model_tests(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "dynamixer.models", "test_models.py", "-k", "dynamixer", "-rA"]
+        + ["-p", "no:cacheprovider", "-W", "ignore"],
+        cwd=timm_tests,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    line = r"^(PASSED|FAILED|SKIPPED|ERROR) test_models.py::(\w+)\[\w+-(dynamixer_\w+?)(?:\.\w+)?\]"
+    outcomes = re.findall(line, proc.stdout, re.M)
+    assert {outcome for outcome, _, _ in outcomes} == {"PASSED"}, proc.stdout[-6000:]
+    passed = {name: {test for _, test, n in outcomes if n == name} for name in timm.list_models("dynamixer_*")}
+    # every variant went through every one of timm's generic model tests that selects it
+    assert len(passed) == 4 and all(tests == passed["dynamixer_tiny"] for tests in passed.values()), passed
+    generic = {"test_model_forward", "test_model_backward", "test_model_default_cfgs_non_std"}
+    assert (
+        generic | {"test_model_forward_torchscript", "test_model_forward_fx", "test_model_backward_fx"}
+        <= passed["dynamixer_s"]
+    )
+
+
+def test_scripted_and_traced_model_give_the_eager_logits_at_the_cfg_input_size():
+    """TorchScript and FX give the eager logits; the cfg says the input size is fixed, and another is refused."""
+    model = timm.create_model("dynamixer_tiny").eval()
     cfg = model.pretrained_cfg
     assert cfg["fixed_input_size"] is True and cfg["first_conv"] == "stem" and cfg["classifier"] == "head"
     assert cfg["num_classes"] == model.num_classes and tuple(cfg["input_size"][1:]) == model.img_size
-    x = torch.randn(1, *cfg["input_size"])
+    x = torch.randn(2, *cfg["input_size"])
     with torch.no_grad():
         eager = model(x)
-        assert eager.shape == (1, model.num_classes)
         assert torch.allclose(torch.jit.script(model)(x), eager, atol=1e-5)
         assert torch.allclose(torch.fx.symbolic_trace(model)(x), eager, atol=1e-5)
-    model.train()
-    model(x).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="does not fit this model"):
         model(torch.randn(1, 3, 128, 128))
+
+
+def test_factory_device_and_dtype_reach_every_parameter_and_a_new_head():
+    model = timm.create_model("dynamixer_tiny", device="meta", dtype=torch.bfloat16).eval()
+    assert {(t.device.type, t.dtype) for t in [*model.parameters(), *model.buffers()]} == {("meta", torch.bfloat16)}
+    model.reset_classifier(3)
+    head = model.head
+    assert (head.weight.device.type, head.weight.dtype, head.training) == ("meta", torch.bfloat16, False)
 
 
 def test_forward_intermediates_give_every_stage_and_the_final_features():

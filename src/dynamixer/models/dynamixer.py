@@ -4,15 +4,13 @@ Wang et al., "DynaMixer: A Vision MLP Architecture with Dynamic Mixing", ICML 20
 Layout inside the network is channels last: tokens are `(B, H, W, C)`.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -34,18 +32,21 @@ NUM_STAGES = 4
 
 def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """`x` in the autocast dtype when autocast is on: cast once, instead of once per consumer."""
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
+    # the guard also covers an FX graph that is scripted afterwards: its calls of this leaf are compiled
+    if not torch.jit.is_scripting():
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
 
 def _check_input(x: torch.Tensor, img_size: tuple[int, int]) -> None:
-    if x.ndim != 4 or tuple(x.shape[-2:]) != tuple(img_size):
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not fit this model, built for images of "
-            f"{img_size[0]}x{img_size[1]}: resize/crop the input to that size, or build the "
-            f"model with img_size={tuple(x.shape[-2:])}"
-        )
+    if not torch.jit.is_scripting():
+        if x.ndim != 4 or tuple(x.shape[-2:]) != tuple(img_size):
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this model, built for images of "
+                f"{img_size[0]}x{img_size[1]}: resize/crop the input to that size, or build the "
+                f"model with img_size={tuple(x.shape[-2:])}"
+            )
 
 
 torch.fx.wrap("_in_autocast_dtype")
@@ -67,9 +68,17 @@ class DynaMixerOp(nn.Module):
     __constants__ = ["static"]  # a constant for TorchScript: only one kind of matrices is compiled
 
     def __init__(
-        self, dim: int, seq_len: int, segments: int, reduced_dim: int, mixing: Literal["dynamic", "static"] = "dynamic"
+        self,
+        dim: int,
+        seq_len: int,
+        segments: int,
+        reduced_dim: int,
+        mixing: Literal["dynamic", "static"] = "dynamic",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % segments:
             raise ValueError(
                 f"dimension {dim} is not divisible by segments={segments}: choose a segment count "
@@ -80,11 +89,11 @@ class DynaMixerOp(nn.Module):
         self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
         self.static = mixing == "static"
         if self.static:
-            self.static_logits = nn.Parameter(torch.zeros(segments, seq_len, seq_len))
+            self.static_logits = nn.Parameter(torch.zeros(segments, seq_len, seq_len, **dd))
         else:
-            self.compress = nn.Linear(dim, segments * reduced_dim)
-            self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len)
-        self.out = nn.Linear(dim, dim)
+            self.compress = nn.Linear(dim, segments * reduced_dim, **dd)
+            self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len, **dd)
+        self.out = nn.Linear(dim, dim, **dd)
 
     def static_matrices(self, dtype: torch.dtype) -> torch.Tensor:
         """The learned mixing matrices `(S, N, N)` of `mixing="static"`; they broadcast over `(B, L)`."""
@@ -148,16 +157,19 @@ class DynaMixerTokenMixer(nn.Module):
         channel_bias: bool = False,
         proj_drop: float = 0.0,
         mixing: Literal["dynamic", "static"] = "dynamic",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if fusion not in ("reweight", "sum"):
             raise ValueError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
-        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing)
-        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing)
-        self.mlp_c = nn.Linear(dim, dim, bias=channel_bias)
-        self.reweight = Mlp(dim, dim // 4, dim * 3) if fusion == "reweight" else None
-        self.proj = nn.Linear(dim, dim)
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, **dd)
+        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, **dd)
+        self.mlp_c = nn.Linear(dim, dim, bias=channel_bias, **dd)
+        self.reweight = Mlp(dim, dim // 4, dim * 3, **dd) if fusion == "reweight" else None
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,9 +235,12 @@ class DynaMixerBlock(nn.Module):
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
         self.token_mixer = DynaMixerTokenMixer(
             dim,
             resolution,
@@ -235,10 +250,11 @@ class DynaMixerBlock(nn.Module):
             channel_bias=channel_bias,
             proj_drop=proj_drop,
             mixing=mixing,
+            **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.token_mixer(self.norm1(x)))
@@ -249,15 +265,26 @@ class DynaMixerStage(nn.Module):
     """Optional downsample (2x2 stride-2 conv at a transition, 1x1 conv for a width change) then
     `depth` layers. `(B, H, W, C_in)` in, `(B, H', W', C)` out."""
 
-    def __init__(self, in_dim: int, dim: int, transition: bool, depth: int, drop_path: Sequence[float], **layer_kw):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        transition: bool,
+        depth: int,
+        drop_path: Sequence[float],
+        device=None,
+        dtype=None,
+        **layer_kw,
+    ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if transition:
-            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=2, stride=2)
+            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=2, stride=2, **dd)
         elif in_dim != dim:
-            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=1)
+            self.downsample = nn.Conv2d(in_dim, dim, kernel_size=1, **dd)
         else:
             self.downsample = None
-        self.blocks = nn.Sequential(*[DynaMixerBlock(dim, drop_path=dp, **layer_kw) for dp in drop_path[:depth]])
+        self.blocks = nn.Sequential(*[DynaMixerBlock(dim, drop_path=dp, **layer_kw, **dd) for dp in drop_path[:depth]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
@@ -275,6 +302,12 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
             f"{name} has {len(value)} entries {value}, but the model has {n} stages: give one value or {n}"
         )
     return value
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
+    return global_pool
 
 
 def _divisors(n: int) -> list[int]:
@@ -315,6 +348,7 @@ class DynaMixer(nn.Module):
     the tokens (the control of the paper's claim); `fusion="sum"` sums the branches instead of re-weighting.
     `grad_checkpointing` recomputes each stage's activations in the backward pass instead of keeping
     them (less training memory for about one more forward pass of time; `set_grad_checkpointing`).
+    `device` and `dtype` are where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -338,8 +372,11 @@ class DynaMixer(nn.Module):
         global_pool: str = "avg",
         norm_layer: type[nn.Module] = nn.LayerNorm,
         grad_checkpointing: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         layers = _per_stage("layers", layers)
         embed_dims = _per_stage("embed_dims", embed_dims)
         transitions = [bool(t) for t in _per_stage("transitions", transitions)]
@@ -355,22 +392,23 @@ class DynaMixer(nn.Module):
                     f"stage {i}: dimension {dim} is not divisible by segments={s}: choose segments that divide "
                     f"each stage's dimension {embed_dims} (for stage {i}: one of {_divisors(dim)})"
                 )
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
+        _check_pool(global_pool)
         self.img_size = to_2tuple(img_size)
         self.resolutions = stage_resolutions(self.img_size, patch_size, transitions)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = bool(grad_checkpointing)
 
-        self.stem = nn.Conv2d(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size)
-        # timm's feature metadata: channels and stride of each stage's output
+        self.stem = nn.Conv2d(in_chans, embed_dims[0], kernel_size=patch_size, stride=patch_size, **dd)
+        # timm's feature metadata: forward_features is channels last, and each stage's channels and stride
+        self.feature_dim = -1
         reductions = [patch_size * 2 ** sum(transitions[:i]) for i in range(NUM_STAGES)]
         self.feature_info = [
             {"num_chs": embed_dims[i], "reduction": reductions[i], "module": f"stages.{i}"} for i in range(NUM_STAGES)
         ]
         # stochastic depth grows linearly with the global layer index
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        # (on the CPU: a model built under a `torch.device("meta")` context still needs the values)
+        dpr = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
         stages, in_dim, first = [], embed_dims[0], 0
         for i in range(NUM_STAGES):
             stages.append(
@@ -389,13 +427,14 @@ class DynaMixer(nn.Module):
                     channel_bias=channel_bias,
                     proj_drop=proj_drop_rate,
                     norm_layer=norm_layer,
+                    **dd,
                 )
             )
             in_dim, first = embed_dims[i], first + layers[i]
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -428,10 +467,13 @@ class DynaMixer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (0: none), on the model's device and dtype and in its train/eval mode."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.global_pool = _check_pool(global_pool)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, 3, H, W)` -> normalised tokens `(B, H', W', C)` of the last stage."""
