@@ -63,8 +63,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
         lambda t: [f"ckpt_path={tiny_checkpoint(t)}", "model.segments=2"],
         [
             "does not fit",
-            "checkpoint: {'model_name': 'dynamixer_tiny', 'img_size': 32} with 10 classes",
-            "this run:   {'model_name': 'dynamixer_tiny', 'img_size': 32, 'segments': 2}",
+            "checkpoint: {'model_name': 'dynamixer_tiny', 'img_size': 16} with 10 classes",
+            "this run:   {'model_name': 'dynamixer_tiny', 'img_size': 16, 'segments': 2}",
         ],
     ),
     (
@@ -87,7 +87,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     (
         "image size the model is not built for",
         lambda t: ["data.img_size=64"],
-        ["data.img_size=64", "32x32", "model.img_size"],
+        ["data.img_size=64", "16x16", "model.img_size"],
     ),
     ("image size the patch cannot divide", lambda t: ["model.img_size=30"], ["img_size=(30, 30)", "patch_size=4"]),
     ("GPUs this machine does not have", lambda t: ["trainer.devices=8"], ["8 GPU(s)", "hardware=cpu"]),
@@ -123,7 +123,7 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
     """Anything that is not the user's to fix propagates as it is (Python prints its traceback)."""
     import dynamixer.run.training as training
 
-    def broken(cfg):
+    def broken(*args):
         raise KeyError("a bug")
 
     monkeypatch.setattr(training, "_train", broken)

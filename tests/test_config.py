@@ -20,6 +20,7 @@ CONF = CONF_DIR
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     for group in ("model", "data", "optimizer", "scheduler", "trainer", "hardware", "logger", "callbacks", "debug")
+    + ("sweep",)
 }
 
 
@@ -44,8 +45,8 @@ def test_default_run_instantiates_the_tiny_model_on_digits() -> None:
     cfg = compose_train()
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
-    assert datamodule.num_classes == 10 and datamodule.img_size == cfg.model.img_size == 32
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert datamodule.num_classes == 10 and datamodule.img_size == cfg.model.img_size == 16
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.scheduler.warmup_lr)
@@ -203,3 +204,36 @@ def test_last_checkpoint_by_steps_or_time_reaches_the_callback(tmp_path: Path) -
     assert last_checkpoint()._every_n_epochs == 1  # default: every epoch
     imagenet = last_checkpoint("experiment=dynamixer_s_imagenet")
     assert imagenet._train_time_interval == timedelta(minutes=30) and imagenet._every_n_epochs == 0
+
+
+def compose_with_hydra(*overrides: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    "preset,axis,values", [("segments", "model.segments", "1,2,4,8"), ("mixing", "model.mixing", "dynamic,static")]
+)
+def test_ablation_presets_hold_their_sweep_on_imagenet_and_on_digits(preset: str, axis: str, values: str) -> None:
+    """`experiment=ablation_<preset>`: the S recipe on the stated 100-epoch schedule; `sweep=<preset>`: the same
+    grid on the default digits run. 3 seeds each, as Hydra sweeper params."""
+    imagenet = compose_with_hydra(f"experiment=ablation_{preset}")
+    digits = compose_with_hydra(f"sweep={preset}")
+    for cfg in (imagenet, digits):
+        assert dict(cfg.hydra.sweeper.params) == {axis: values, "seed": "0,1,2"}
+    assert imagenet.model.model_name == "dynamixer_s" and imagenet.data._target_.endswith("ImageFolderDataModule")
+    assert imagenet.trainer.max_epochs == 100 and imagenet.scheduler.warmup_epochs == 5
+    assert imagenet.scheduler.cooldown_epochs == 0 and imagenet.task_name == f"ablation_{preset}"
+    full = compose_train("experiment=dynamixer_s_imagenet")
+    assert imagenet.optimizer == full.optimizer and imagenet.data.train_aug == full.data.train_aug  # the recipe
+    assert digits.model.model_name == "dynamixer_tiny" and digits.data._target_.endswith("DigitsDataModule")
+
+
+def test_parallel_launcher_and_optuna_search_compose() -> None:
+    cfg = compose_with_hydra("hydra/launcher=parallel", "sweep=search")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "model.drop_path_rate"}
+    assert cfg.hydra.sweeper.max_failure_rate == 1.0  # a failed trial does not end the search

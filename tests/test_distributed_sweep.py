@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,15 @@ pytestmark = pytest.mark.slow  # trains models or runs the scripts
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
-def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tmp_path: Path) -> None:
-    """Two CPU processes per job (DDP over gloo); the middle job's segments do not divide the width."""
+def test_parallel_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tmp_path: Path) -> None:
+    """Two jobs side by side (hydra/launcher=parallel), each two CPU processes (DDP over gloo); the middle
+    job's segments do not divide the width."""
     proc = run_script(
         "train.py",
         [
             "-m",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
             "model.segments=4,5,8",
             "hardware=cpu",
             "trainer.devices=2",
@@ -49,6 +54,9 @@ def test_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tm
     assert good[0]["num_params"] != good[1]["num_params"]  # each job built its own model
     bad = json.loads((sweep / jobs[1] / "results.json").read_text())
     assert bad["status"] == "failed" and "segments=5" in bad["error"]
+    # side by side: the first two jobs started together, and the third while the first still ran
+    spans = [(datetime.fromisoformat(r["started"]).timestamp(), r["wall_s"]) for r in (good[0], bad, good[1])]
+    assert all(start < spans[0][0] + spans[0][1] for start, _ in spans[1:]), spans
 
     # the summary ran at the end of the sweep: one row per job, the bad one marked
     table = (sweep / "sweep.md").read_text()
@@ -88,6 +96,7 @@ def write_job(sweep: Path, num: int, overrides: dict, acc: float, status: str = 
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in overrides.items()]))
     results = {"status": status, "monitor": "val/acc1", "best": {"val/acc1": acc} if status == "finished" else None}
+    results["wall_s"] = 10.0 + num
     (job / "results.json").write_text(json.dumps(results))
 
 
@@ -107,6 +116,7 @@ def test_seeds_are_replicates_with_mean_std_and_their_values(tmp_path: Path) -> 
     assert by_value[1]["metrics"]["val/acc1"]["mean"] == pytest.approx(0.92)
     assert by_value[1]["metrics"]["val/acc1"]["std"] == pytest.approx(0.02)  # sample std
     assert by_value[8]["metrics"]["val/acc1"]["mean"] == pytest.approx(0.96)
+    assert by_value[1]["wall_s"] == pytest.approx(11.0)  # jobs 0, 1, 2
     table = paths["table"].read_text().splitlines()
     assert table[0].startswith("| model.segments | n | best val/acc1 (mean ± std)")
     assert table[2].startswith("| 1 | 3 | 0.9200 ± 0.0200") and table[3].startswith("| 8 | 3 | 0.9600 ± 0.0100")
@@ -132,3 +142,40 @@ def test_a_two_axis_sweep_is_shown_as_a_grid(tmp_path: Path) -> None:
     assert grid[4].startswith("| 1 | 0.6105 ± 0.0007 | 0.7105 ± 0.0007 |")
     assert "0.6105 ± 0.0007" in text  # segments 1, reduced_dim 1: seeds 0 and 1
     assert paths["plot"].stat().st_size > 1000
+
+
+def test_a_sweep_preset_runs_side_by_side_in_fast_debug_mode(tmp_path: Path) -> None:
+    """`sweep=mixing` (seeds narrowed on the command line) with two jobs at once on the CPU: both finish,
+    each with half of the cores, and the summary holds both settings."""
+    run_script(
+        "train.py",
+        ["-m", "sweep=mixing", "seed=0", "hydra/launcher=parallel", "debug=fast", "run_name=preset", *QUIET],
+        tmp_path,
+    )
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "preset"
+    report = json.loads((sweep / "sweep.json").read_text())
+    assert report["swept"] == ["model.mixing"]
+    results = {r["overrides"]["model.mixing"]: r for r in report["jobs"]}
+    assert set(results) == {"dynamic", "static"} and {r["status"] for r in results.values()} == {"finished"}
+    assert results["static"]["num_params"] < results["dynamic"]["num_params"]
+    assert all(r["torch_threads"] == max(1, os.cpu_count() // 2) for r in results.values())
+    spans = [(datetime.fromisoformat(r["started"]).timestamp(), r["wall_s"]) for r in results.values()]
+    (a, a_wall), (b, b_wall) = spans
+    assert a < b + b_wall and b < a + a_wall, spans  # they overlapped in time
+
+
+def test_optuna_search_samples_the_space_and_reports_the_best(tmp_path: Path) -> None:
+    run_script(
+        "train.py",
+        ["-m", "sweep=search", "hydra.sweeper.n_trials=2", "debug=fast", "run_name=search", *QUIET],
+        tmp_path,
+    )
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "search"
+    jobs = collect(sweep)
+    assert len(jobs) == 2 and {j["status"] for j in jobs} == {"finished"}
+    for job in jobs:  # sampled inside the configured space
+        assert 3e-4 <= job["overrides"]["optimizer.lr"] <= 1e-2
+        assert 1e-3 <= job["overrides"]["optimizer.weight_decay"] <= 0.2
+        assert 0.0 <= job["overrides"]["model.drop_path_rate"] <= 0.2
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(j["best"]["val/acc1"] for j in jobs)

@@ -12,9 +12,10 @@ import torch
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.models import create_model
 from dynamixer.run import load_model, train
-from helpers import compose_job_config
+from helpers import compose_job_config, compose_train_config
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
+IMG = compose_train_config().model.img_size  # the default run's image size
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,9 @@ def test_the_folder_holds_the_weights_and_everything_to_rebuild_and_feed_the_mod
     assert (folder / "model.safetensors").is_file()
     assert config["architecture"] == "dynamixer_tiny" and config["num_classes"] == 10
     assert config["label_names"] == [str(d) for d in range(10)]
-    assert config["model_args"]["segments"] == 2 and config["model_args"]["img_size"] == [32, 32]
+    assert config["model_args"]["segments"] == 2 and config["model_args"]["img_size"] == [IMG, IMG]
     cfg = config["pretrained_cfg"]
-    assert (cfg["input_size"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == ([3, 32, 32], 1.0, [0.5] * 3, [0.5] * 3)
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == ([3, IMG, IMG], 1.0, [0.5] * 3, [0.5] * 3)
     assert cfg["fixed_input_size"] is True
 
 
@@ -47,10 +48,10 @@ def test_timm_local_dir_gives_the_checkpoints_logits(exported) -> None:
     ckpt, folder = exported
     ours, _ = load_model(str(ckpt), "ema")
     theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(4, 3, IMG, IMG)
     with torch.no_grad():
         assert torch.equal(theirs(images), ours(images))
-    fine_tuned_start = create_model("dynamixer_tiny", pretrained_file=str(folder), segments=2).eval()
+    fine_tuned_start = create_model("dynamixer_tiny", pretrained_file=str(folder), segments=2, img_size=IMG).eval()
     with torch.no_grad():
         assert torch.equal(fine_tuned_start(images), ours(images))
 
@@ -62,7 +63,7 @@ def test_the_onnx_file_gives_the_checkpoints_logits_for_any_batch_size(exported)
     ours, _ = load_model(str(ckpt), "ema")
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
     for batch in (1, 5):
-        images = torch.randn(batch, 3, 32, 32)
+        images = torch.randn(batch, 3, IMG, IMG)
         (logits,) = session.run(None, {"images": images.numpy()})
         with torch.no_grad():
             assert abs(torch.from_numpy(logits) - ours(images)).max() < 1e-4

@@ -47,6 +47,8 @@ def test_wandb_run_offline_holds_config_and_metrics(
         ],
         tmp_path / "run",
     )
+    with open_dict(cfg):  # debug=fast turns the pictures off; here: after each of its 2 epochs
+        cfg.callbacks.mixing_figures = FIGURES_EVERY_EPOCH
 
     seen = {}
     finish = wandb.sdk.wandb_run.Run.finish
@@ -77,11 +79,15 @@ def test_wandb_run_offline_holds_config_and_metrics(
         assert summary[key] == pytest.approx(results["final"][key])
     assert summary["epoch"] == results["final"]["epoch"] == 1
     assert {"train/throughput", "lr-AdamW/pg1", "lr-AdamW/pg2", "train/loss_epoch"} <= set(summary), sorted(summary)
+    for key in ("mixing/matrices", "mixing/branch_weights"):  # the pictures of what the model generates
+        assert summary[key]["_type"] in ("images/separated", "image-file") and summary[key]["count"] == 1, summary[key]
 
     run_dir = seen["dir"]  # <output_dir>/wandb/offline-run-*: what `wandb sync` uploads
     assert run_dir.parent == tmp_path / "run" / "wandb" and run_dir.name.startswith("offline-run-")
     assert (run_dir / f"run-{seen['id']}.wandb").stat().st_size > 1000
     assert (run_dir / "files" / "output.log").is_file() and (run_dir / "logs" / "debug.log").is_file()
+    pictures = sorted((run_dir / "files" / "media" / "images" / "mixing").glob("*.png"))
+    assert len(pictures) == 4 and all(p.stat().st_size > 5000 for p in pictures), pictures  # 2 figures x 2 epochs
     assert wandb.run is None  # finished, so a next multirun job opens its own run
 
     # resumed with more epochs: the same W&B run continues (its id is kept in the run folder)
@@ -93,3 +99,26 @@ def test_wandb_run_offline_holds_config_and_metrics(
     seen.clear()
     resumed = train(cfg)
     assert resumed["epochs"] == 3 and seen["id"] == first_id and seen["summary"]["epoch"] == 2
+
+
+FIGURES_EVERY_EPOCH = {"_target_": "dynamixer.callbacks.MixingFigures", "every_n_epochs": 1, "num_images": 2}
+
+
+def test_tensorboard_receives_the_mixing_pictures_every_n_epochs(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_job_config(
+        ["logger=tensorboard", "debug=fast", "trainer.max_epochs=4", "callbacks.progress_bar=null"],
+        tmp_path / "run",
+    )
+    with open_dict(cfg):
+        cfg.callbacks.mixing_figures = {**FIGURES_EVERY_EPOCH, "every_n_epochs": 2}
+    results = train(cfg)
+    (events,) = (tmp_path / "run").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+    assert set(accumulator.Tags()["images"]) == {"mixing/matrices", "mixing/branch_weights"}
+    steps_per_epoch = results["global_step"] // 4
+    for tag in ("mixing/matrices", "mixing/branch_weights"):
+        images = accumulator.Images(tag)
+        assert [i.step for i in images] == [2 * steps_per_epoch, 4 * steps_per_epoch]  # after epochs 2 and 4
+        assert all(i.width > 300 and i.height > 200 for i in images)

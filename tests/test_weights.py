@@ -15,6 +15,7 @@ from dynamixer.run import build, train
 from helpers import compose_job_config, compose_train_config, read_checkpoint, write_image_tree
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
+IMG = compose_train_config().model.img_size  # the default run's image size, which the checkpoint is built for
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def assert_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor], sk
 
 @pytest.mark.parametrize("weights,prefix", [("ema", "ema.module."), ("raw", "model.")])
 def test_our_checkpoint_gives_its_ema_or_raw_weights(checkpoint: Path, weights: str, prefix: str) -> None:
-    model = create_model("dynamixer_tiny", pretrained_file=str(checkpoint), pretrained_weights=weights)
+    model = create_model("dynamixer_tiny", pretrained_file=str(checkpoint), pretrained_weights=weights, img_size=IMG)
     assert_weights(model, stored(checkpoint, prefix))
     assert not torch.equal(
         stored(checkpoint, "ema.module.")["head.weight"], stored(checkpoint, "model.")["head.weight"]
@@ -46,7 +47,7 @@ def test_our_checkpoint_gives_its_ema_or_raw_weights(checkpoint: Path, weights: 
 
 
 def test_a_head_for_another_class_count_is_fresh(checkpoint: Path) -> None:
-    model = create_model("dynamixer_tiny", pretrained_file=str(checkpoint), num_classes=3)
+    model = create_model("dynamixer_tiny", pretrained_file=str(checkpoint), num_classes=3, img_size=IMG)
     assert model.head.weight.shape == (3, 112)
     assert_weights(model, stored(checkpoint, "ema.module."), skip="head.")
 

@@ -108,3 +108,54 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             trainer.save_checkpoint(self.format_checkpoint_name(self._monitor_candidates(trainer)))
             self._last_global_step_saved = trainer.global_step
+
+
+class MixingFigures(Callback):
+    """Every `every_n_epochs` validation epochs, the loggers that take images (W&B, TensorBoard) receive what
+    the model generates for the first `num_images` validation images: the mixing matrices of `layer` per
+    segment and the branch weights per layer (`dynamixer.visualize`, the figures of the notebook), logged
+    as `mixing/matrices` and `mixing/branch_weights` at the current step. Rank 0 only; nothing without such
+    a logger. It draws no random numbers, so resumed runs stay exact.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, num_images: int = 4, layer: int = 0) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs}: use 1 or more (or callbacks.mixing_figures=null)")
+        self.every_n_epochs, self.num_images, self.layer = every_n_epochs, num_images, layer
+        self._images: Any = None
+
+    def _loggers(self, trainer: L.Trainer) -> list:
+        return [lg for lg in trainer.loggers if type(lg).__name__ in ("WandbLogger", "TensorBoardLogger")]
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return (
+            trainer.is_global_zero
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            and bool(self._loggers(trainer))
+        )
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if batch_idx == 0 and self._due(trainer):
+            self._images = batch[0][: self.num_images].detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._images is None or not self._due(trainer):
+            return
+        from dynamixer.visualize import branch_weights_figure, mixing_figure, to_array
+
+        images, self._images = self._images, None
+        maps = pl_module.model.explain(images)
+        figures = {"mixing/matrices": mixing_figure(maps, self.layer)}
+        figures["mixing/branch_weights"] = branch_weights_figure(maps, self.layer)
+        for key, fig in figures.items():
+            if fig is None:
+                continue
+            array = to_array(fig)
+            for logger in self._loggers(trainer):
+                if type(logger).__name__ == "WandbLogger":
+                    logger.log_image(key=key, images=[array], step=trainer.global_step)
+                else:
+                    logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")

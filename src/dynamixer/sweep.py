@@ -83,9 +83,19 @@ def settings(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]
                 "metrics": metrics,
                 "num_params": next((r.get("num_params") for r in done), None),
                 "gmacs": next((r.get("gmacs") for r in done), None),
+                "wall_s": _mean([r.get("wall_s") for r in done]),
             }
         )
     return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 def _metric(row: dict[str, Any], name: str) -> float | None:
@@ -104,12 +114,13 @@ def settings_markdown(groups: list[dict[str, Any]], metric: str) -> str:
     main metric as a grid (first axis down, second across)."""
     axes = list(groups[0]["values"]) if groups else []
     metrics = [metric] + [m for m in METRICS if m != metric]
-    header = [*axes, "n", *[f"best {m} (mean ± std)" for m in metrics], "params", "GMACs"]
+    header = [*axes, "n", *[f"best {m} (mean ± std)" for m in metrics], "params", "GMACs", "wall s (mean)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         cells = [json.dumps(g["values"][k]) for k in axes] + [str(g["n"])]
         cells += [_mean_std(g, m) for m in metrics]
         cells += [f"{g['num_params']:,}" if g.get("num_params") else "", str(g.get("gmacs") or "")]
+        cells.append(_seconds(g.get("wall_s")))
         lines.append("| " + " | ".join(cells) + " |")
     if len(axes) == 2:
         down, across = (sorted({json.dumps(g["values"][a]) for g in groups}, key=_sort_key) for a in axes)
@@ -132,7 +143,7 @@ def _sort_key(text: str) -> tuple:
 
 def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
     metrics = [metric] + [m for m in METRICS if m != metric]
-    header = ["job", *keys, "status", *[f"best {m}" for m in metrics], "params", "GMACs"]
+    header = ["job", *keys, "status", *[f"best {m}" for m in metrics], "params", "GMACs", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["job"], *[json.dumps(r["overrides"].get(k)) for k in keys], r.get("status", "?")]
@@ -140,6 +151,7 @@ def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str
             v = _metric(r, m)
             cells.append("" if v is None else f"{v:.4f}")
         cells += [f"{r['num_params']:,}" if r.get("num_params") else "", str(r.get("gmacs") or "")]
+        cells.append(_seconds(r.get("wall_s")))
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r.get("status") == "failed"]
     lines += [""] + [f"- {r['job']} failed: {r.get('error', '')}" for r in failed]

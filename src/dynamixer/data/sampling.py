@@ -48,14 +48,22 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
+        """The samples of a batch (the data loader's batched fetch). The process's generators are saved and
+        restored once per batch: numpy's state copy alone would cost more than decoding a small image."""
+        torch_rng = torch.default_generator  # seeding it alone skips torch.manual_seed's accelerator checks
+        states = random.getstate(), np.random.get_state(), torch_rng.get_state()
+        try:
+            samples = []
+            for index, seed in items:
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                torch_rng.manual_seed(seed)
+                samples.append(self.dataset[index])
+            return samples
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch_rng.set_state(states[2])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -21,12 +24,13 @@ from dynamixer.run.checkpoints import check_checkpoint_fits, resume_path
 from dynamixer.utils.launch import (
     check_devices,
     is_multirun,
+    job_slot,
     prepare_ddp_relaunch,
     release_distributed,
     requeue_slurm_job,
 )
 from dynamixer.utils.results import write_results
-from dynamixer.utils.tracking import close_loggers, configure_wandb
+from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_config
 
 log = logging.getLogger(__name__)
 # the EMA copy of the model is meant to stay in eval mode while the raw model trains
@@ -55,6 +59,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         # images skipped with data.skip_corrupt=true (counted in this process: data.num_workers=0 sees all)
         "data": {"corrupt_files": sorted(getattr(datamodule, "corrupt_files", []))},
         "epochs": trainer.current_epoch,
+        "torch_threads": torch.get_num_threads(),  # of this process: side-by-side jobs share the cores
         "global_step": trainer.global_step,
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
@@ -66,23 +71,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     In a multirun, a failing job writes its error into its own `results.json` and the sweep goes on.
     """
+    started = time.time()
     try:
-        return _train(cfg)
+        with job_slot(cfg.trainer) as slot_overrides:
+            return _train(cfg, started, slot_overrides)
     except Exception as err:
         if not is_multirun():
             raise
         log.exception("job failed; the sweep goes on")
-        write_results(
-            cfg.paths.output_dir,
-            {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()},
-        )
+        failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()}
+        write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
         return {"status": "failed"}
     finally:
         release_distributed()
 
 
-def _train(cfg: DictConfig) -> dict[str, Any]:
-    prepare_ddp_relaunch()
+def _timing(started: float) -> dict[str, Any]:
+    """When the job started (UTC) and how long it has run, in seconds."""
+    start = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds")
+    return {"started": start, "wall_s": round(time.time() - started, 3)}
+
+
+def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[str, Any]:
+    prepare_ddp_relaunch(slot_overrides)
     check_devices(cfg.trainer)
     ckpt_path = resume_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -100,7 +111,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     size = model_size(module.model)
     for logger in trainer.loggers:
         logger.log_hyperparams(
-            {**OmegaConf.to_container(cfg, resolve=True), **{f"model/{k}": v for k, v in size.items()}}
+            {
+                **OmegaConf.to_container(cfg, resolve=True),
+                **{f"model/{k}": v for k, v in size.items()},
+                **sweep_config(),
+            }
         )
 
     try:
@@ -111,7 +126,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
             status = "requeued" if requeue else "interrupted"
             if trainer.is_global_zero:
-                write_results(cfg.paths.output_dir, {**fit_results(trainer, cfg, size, datamodule), "status": status})
+                results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started), "status": status}
+                write_results(cfg.paths.output_dir, results)
             if requeue and requeue_slurm_job():
                 log.warning("stopped at step %d and requeued; the job resumes from last.ckpt", trainer.global_step)
             else:
@@ -121,7 +137,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                     cfg.run_name,
                 )
             raise SystemExit(128 + signal.SIGTERM) from None
-        results = fit_results(trainer, cfg, size, datamodule)
+        results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started)}
         if trainer.is_global_zero:
             path = write_results(cfg.paths.output_dir, results)
             log.info("results: %s", path)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from dynamixer.errors import UserError
 
@@ -48,19 +54,96 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def prepare_ddp_relaunch() -> None:
+def prepare_ddp_relaunch(extra_overrides: list[str] = ()) -> None:
     """Make Lightning's DDP re-launch of this script run *this* multirun job, in *its* folder.
 
     Lightning starts ranks 1..N-1 as `sys.argv + hydra.run.dir=<HydraConfig run.dir>`; inside a multirun
-    that would start the whole sweep again, in the wrong folder. We hand it the job's own overrides and
-    output folder instead.
+    that would start the whole sweep again, in the wrong folder. We hand it the job's own overrides (and
+    `extra_overrides`, e.g. the devices of its slot) and output folder instead.
     """
     if not is_multirun():
         return
     hydra_cfg = HydraConfig.get()
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, *extra_overrides]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.startswith("joblib."):
+        # a worker of a parallel sweep: Lightning would start the ranks as `python -m <the worker's module>`;
+        # without a spec it starts them as `python <sys.argv[0]>`, the entry script (joblib keeps sys.argv)
+        main.__spec__ = None
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this multirun run at once: `hydra.launcher.n_jobs` of a parallel launcher (joblib;
+    -1 is one per CPU core, -2 all but one, ...), else 1."""
+    if not is_multirun():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    if n_jobs is None:
+        return 1
+    n_jobs = int(n_jobs)
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+
+
+@contextmanager
+def job_slot(trainer_cfg: DictConfig) -> Iterator[list[str]]:
+    """This job's share of the machine while jobs of a sweep run side by side (`hydra/launcher=parallel`).
+
+    Holds one of the `n_jobs` slots (a lock file of this machine, free again when the job ends) and
+    gives slot `k` the GPUs `k*d ... k*d+d-1` for `trainer.devices=d`, or on the CPU `cores // (n_jobs * d)`
+    threads per process, so that side-by-side jobs do not oversubscribe the cores. Yields the overrides
+    that give DDP ranks started by this job the same devices. Outside a parallel sweep: nothing.
+    """
+    n_jobs = parallel_jobs()
+    if n_jobs == 1:
+        yield []
+        return
+    # the slots are this machine's: their lock files live in its temporary folder, not in a shared sweep folder
+    sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
+    lock_dir = Path(tempfile.gettempdir()) / f"dynamixer-slots-{hashlib.sha1(sweep_dir.encode()).hexdigest()[:12]}"
+    with _lease(n_jobs, lock_dir) as slot:
+        devices = trainer_cfg.get("devices")
+        accelerator = str(trainer_cfg.get("accelerator", "auto"))
+        gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        if gpus and isinstance(devices, int) and devices > 0:
+            if n_jobs * devices > gpus:
+                raise HardwareError(
+                    f"hydra.launcher.n_jobs={n_jobs} side-by-side jobs of trainer.devices={devices} GPUs need "
+                    f"{n_jobs * devices} GPUs, but this machine has {gpus}: set hydra.launcher.n_jobs="
+                    f"{max(1, gpus // devices)} or lower trainer.devices"
+                )
+            ids = list(range(slot * devices, (slot + 1) * devices))
+            with open_dict(trainer_cfg):
+                trainer_cfg.devices = ids
+            yield [f"trainer.devices=[{','.join(map(str, ids))}]"]
+            return
+        ranks = devices if isinstance(devices, int) and devices > 0 and accelerator == "cpu" else 1
+        threads = max(1, (os.cpu_count() or 1) // (n_jobs * ranks))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the DDP ranks this job starts
+        torch.set_num_threads(threads)
+        yield []
+
+
+@contextmanager
+def _lease(n_slots: int, lock_dir: Path) -> Iterator[int]:
+    """The first free one of `n_slots` slots, held as an exclusive lock until the block ends (or the
+    process dies: the operating system releases it)."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for slot in range(n_slots):
+            with open(lock_dir / f"{slot}.lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    yield slot
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+        time.sleep(0.2)  # all taken: a job of another worker has not finished its release yet
 
 
 def release_distributed() -> None:

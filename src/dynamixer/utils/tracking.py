@@ -6,8 +6,10 @@ import netrc
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
@@ -62,3 +64,25 @@ def close_loggers(loggers: list) -> None:
         experiment = getattr(logger, "_experiment", None)  # WandbLogger's run, if one was started
         if type(logger).__name__ == "WandbLogger" and experiment is not None:
             experiment.finish()
+
+
+def sweep_config() -> dict[str, Any]:
+    """In a multirun, what the loggers' config holds about this job's place in the sweep: `sweep.name`, this
+    job's override `values` (without the run plumbing that job folder names leave out), and `sweep.setting`,
+    those values without `seed`: the replicates of one setting share it (W&B: group runs by `sweep.setting`).
+    Empty outside a multirun."""
+    if not is_multirun():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    values = {}
+    for item in hydra_cfg.overrides.task:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key not in excluded:
+            try:
+                values[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                values[key] = value
+    setting = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed") or "default"
+    return {"sweep": {"name": Path(hydra_cfg.sweep.dir).name, "values": values, "setting": setting}}
