@@ -162,6 +162,12 @@ def test_a_sweep_preset_runs_side_by_side_in_fast_debug_mode(tmp_path: Path) -> 
     spans = [(datetime.fromisoformat(r["started"]).timestamp(), r["wall_s"]) for r in results.values()]
     (a, a_wall), (b, b_wall) = spans
     assert a < b + b_wall and b < a + a_wall, spans  # they overlapped in time
+    # each job's logged config says where it sits in the sweep (what W&B groups and compares by): the swept
+    # values only, not the command line's other overrides
+    for mixing, result in results.items():
+        logged = yaml.safe_load((Path(result["output_dir"]) / "csv" / "hparams.yaml").read_text())["sweep"]
+        assert logged["name"] == "preset" and logged["values"] == {"model.mixing": mixing, "seed": 0}
+        assert logged["setting"] == f"model.mixing={mixing}"
 
 
 def test_optuna_search_samples_the_space_and_reports_the_best(tmp_path: Path) -> None:

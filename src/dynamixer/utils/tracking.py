@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
@@ -67,22 +68,32 @@ def close_loggers(loggers: list) -> None:
 
 
 def sweep_config() -> dict[str, Any]:
-    """In a multirun, what the loggers' config holds about this job's place in the sweep: `sweep.name`, this
-    job's override `values` (without the run plumbing that job folder names leave out), and `sweep.setting`,
-    those values without `seed`: the replicates of one setting share it (W&B: group runs by `sweep.setting`).
-    Empty outside a multirun."""
+    """In a multirun, what the loggers' config holds about this job's place in the sweep: `sweep.name`, the
+    job's swept `values` (with the seed), and `sweep.setting`, those values without the seed: the replicates
+    of one setting share it (W&B: group runs by `sweep.setting`). Empty outside a multirun."""
     if not is_multirun():
         return {}
     hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    swept = _swept_keys(sweep_dir)
     excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
     values = {}
-    for item in hydra_cfg.overrides.task:
-        key, _, value = item.partition("=")
-        key = key.lstrip("+~")
-        if key not in excluded:
-            try:
-                values[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                values[key] = value
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if (key in swept) if swept is not None else (key not in excluded):
+            values[key] = override.value()
     setting = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed") or "default"
-    return {"sweep": {"name": Path(hydra_cfg.sweep.dir).name, "values": values, "setting": setting}}
+    return {"sweep": {"name": sweep_dir.name, "values": values, "setting": setting}}
+
+
+def _swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys the sweep varies: those given several values on its command line, and those of its
+    `hydra.sweeper.params` (a preset's grid, a search space), read from the `multirun.yaml` Hydra wrote
+    into the sweep folder; None without that file."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+    overrides = OverridesParser.create().parse_overrides(list((hydra.get("overrides") or {}).get("task") or []))
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    return {o.key_or_group for o in overrides if o.is_sweep_override()} | set(params)
