@@ -25,10 +25,10 @@ from dynamixer.utils.results import write_results
 WRITER = """
 import sys, torch
 from dynamixer.checkpoint_io import AtomicCheckpointIO
-io, path, step = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2])
+io, path, step, ours = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2]), {"dynamixer_format": int(sys.argv[3])}
 while True:
     step += 1
-    io.save_checkpoint({"global_step": step, "w": torch.full((16 * 2**20,), float(step))}, path)
+    io.save_checkpoint({**ours, "global_step": step, "w": torch.full((16 * 2**20,), float(step))}, path)
     print(step, flush=True)
 """
 
@@ -45,7 +45,8 @@ def test_kills_during_real_writes_leave_whole_checkpoints_and_no_temporary_file_
     path = folder / "last.ckpt"
     rng, step = random.Random(0), 0
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(step)], stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-c", WRITER, str(path), str(step), str(CHECKPOINT_FORMAT)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # one save of this process is complete
         time.sleep(rng.uniform(0.0, 0.5))  # then somewhere in a later one: a save takes about that long
         proc.send_signal(signal.SIGKILL)

@@ -136,6 +136,7 @@ def test_sigkills_at_random_moments_then_resumes_end_bit_identical_under_ddp(tmp
     kills = 3
     overrides = [
         "trainer.deterministic=true",
+        "model.img_size=32",  # steps long enough that a kill lands before the end of this short run
         "callbacks.last_checkpoint.every_n_train_steps=4",
         "trainer.max_epochs=3",
         "trainer.limit_train_batches=8",
@@ -148,7 +149,7 @@ def test_sigkills_at_random_moments_then_resumes_end_bit_identical_under_ddp(tmp
         "--kills",
         str(kills),
         "--max-delay",
-        "1.5",
+        "1.0",
         "--workdir",
         str(tmp_path),
         "--json",

@@ -128,9 +128,9 @@ def test_mixing_matrices_notebook_runs_and_shows_the_matrices_and_branch_weights
     assert "checkpoint: " in printed and "(ema weights)" in printed
     assert "classes ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']" in printed
 
-    # explain: 7 layers of dynamixer_tiny, the first on the 8x8 grid with 4 segments
+    # explain: 7 layers of dynamixer_tiny, the first on the 4x4 grid of the default run's 16 px, with 4 segments
     assert "7 layers" in printed
-    assert re.search(r"layer 0: mix_h \(8, 8, 4, 8, 8\), mix_w \(8, 8, 4, 8, 8\), branch_weights \(8, 64, 3\)", printed)
+    assert re.search(r"layer 0: mix_h \(8, 4, 4, 4, 4\), mix_w \(8, 4, 4, 4, 4\), branch_weights \(8, 64, 3\)", printed)
     # the branch weights per layer: 3 softmax weights per layer that sum to 1
     rows = re.findall(r"layer (\d+): h ([\d.]+)  w ([\d.]+)  c ([\d.]+)", printed)
     assert [int(r[0]) for r in rows] == list(range(7))

@@ -72,7 +72,7 @@ def test_wandb_run_offline_holds_config_and_metrics(
     assert seen["tags"] == ("ablation",) and seen["group"] == "g1"
     config = seen["config"]
     assert config["model"]["model_name"] == "dynamixer_tiny"  # the resolved Hydra config
-    assert config["model/num_params"] == results["num_params"] == 849_062
+    assert config["model/num_params"] == results["num_params"] == 844_046
     assert config["model/gmacs"] == pytest.approx(results["gmacs"])
     summary = seen["summary"]
     for key in ("val/acc1", "val/ema_acc1", "val/loss"):

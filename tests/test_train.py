@@ -100,7 +100,7 @@ def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
         *QUIET_TRAIN,
         "data=imagenet",
         f"data.data_dir={image_tree}",
-        "data.img_size=32",
+        "model.img_size=32",
         "data.batch_size=4",
         "data.num_workers=0",
         "trainer.max_epochs=1",
