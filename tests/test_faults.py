@@ -74,16 +74,23 @@ def resumed_history(run_dir: Path) -> list[dict]:
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 
-@pytest.mark.parametrize("setup", [[], ["hardware=cpu", "trainer.devices=2"]], ids=["one process", "DDP, 2 ranks"])
-def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(setup: list[str], tmp_path: Path) -> None:
-    """SIGTERM to the (rank 0) process in the middle of an epoch; the losses are rank 0's."""
+@pytest.mark.parametrize(
+    "setup,stop",
+    [([], signal.SIGTERM), (["hardware=cpu", "trainer.devices=2"], signal.SIGTERM), ([], signal.SIGINT)],
+    ids=["one process", "DDP, 2 ranks", "Ctrl-C"],
+)
+def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(
+    setup: list[str], stop: signal.Signals, tmp_path: Path
+) -> None:
+    """SIGTERM (or Ctrl-C) to the (rank 0) process in the middle of an epoch; the losses are rank 0's. Under
+    DDP only rank 0 gets the signal, as from a user's `kill`: the ranks stop together at the same step."""
     finish(start(tmp_path, "trainer.max_epochs=2", "run_name=straight", *setup))
     run_dir = tmp_path / "logs/train/runs/pre"
     proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre", *setup)
     # stop in the middle of the second epoch, past the epoch-end checkpoint
     wait_for(lambda: saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH, proc)
     wait_for(lambda: logged_steps(run_dir) and max(logged_steps(run_dir)) >= STEPS_PER_EPOCH + 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     out = finish(proc, expect=128 + signal.SIGTERM)
     assert "ckpt_path=auto" in out
 

@@ -13,9 +13,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class StopOnSignal(Callback):
-    """The one owner of the stop signals while training: Ctrl-C (SIGINT), and each signal in `requeue_on`,
-    stop training the way SIGTERM does in Lightning: after the current optimizer step, with that exact
+    """The one owner of the stop signals while training: SIGTERM, Ctrl-C (SIGINT) and each signal in
+    `requeue_on` stop training after the current optimizer step (or validation batch), with that exact
     step checkpointed (`ResumableCheckpoint`). A second Ctrl-C interrupts at once.
+
+    A handler only notes the request. After every training step and validation batch all ranks decide
+    together (one all-reduce: a signal may reach one rank only) and stop at the same step. Lightning's own
+    SIGTERM handler broadcasts from inside the handler, wherever the rank happens to be; that broadcast
+    can pair with another collective the ranks are in, and DDP runs hung in our tests.
 
     `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
     asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
@@ -26,23 +31,43 @@ class StopOnSignal(Callback):
     def __init__(self, requeue_on: Sequence[str] = ()) -> None:
         self.requeue_on = [signal.Signals[name if name.startswith("SIG") else f"SIG{name}"] for name in requeue_on]
         self.requeue_requested = False
+        self._stop_requested = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
 
+        def stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+
         def interrupt(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-            signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this step
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C interrupts at once
+            self._stop_requested = True
 
         def requeue(signum: int, frame: Any) -> None:
             self.requeue_requested = True
-            signal.raise_signal(signal.SIGTERM)
+            self._stop_requested = True
 
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
         self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
         for signum in self.requeue_on:
             self._previous[signum] = signal.signal(signum, requeue)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._stop_if_requested(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.state.fn == "fit":
+            self._stop_if_requested(trainer)
+
+    def _stop_if_requested(self, trainer: L.Trainer) -> None:
+        # every rank is at this same step: a collective here cannot cross another one
+        if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+            # a requeue asked of any rank is one for rank 0, which runs `scontrol requeue`
+            self.requeue_requested = trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False)
+            # Lightning's loops raise SIGTERMException after this step (or validation batch), on every rank
+            trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if threading.current_thread() is threading.main_thread():
