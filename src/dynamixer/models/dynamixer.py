@@ -27,12 +27,12 @@ __all__ = [
 NUM_STAGES = 4
 
 
-# Python-side checks and casts: leaves of an FX graph (`torch.fx.wrap`), skipped by TorchScript
+# Python-side checks and casts: leaves of an FX graph (`torch.fx.wrap`), skipped by TorchScript (the guard
+# inside each: a scripted model and a scripted FX graph both compile these calls)
 
 
 def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """`x` in the autocast dtype when autocast is on: cast once, instead of once per consumer."""
-    # the guard also covers an FX graph that is scripted afterwards: its calls of this leaf are compiled
     if not torch.jit.is_scripting():
         if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             return x.to(torch.get_autocast_dtype(x.device.type))
@@ -174,8 +174,7 @@ class DynaMixerTokenMixer(nn.Module):
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three branch outputs `h, w, c`, each `(B, H, W, C)`."""
-        if not torch.jit.is_scripting():
-            x = _in_autocast_dtype(x)
+        x = _in_autocast_dtype(x)
         # the column op sees (B, W, H, C) views: no copy of x, only of the small compressed tokens
         if self.mix_h.static:
             p_h = self.mix_h.static_matrices(x.dtype)
@@ -477,8 +476,7 @@ class DynaMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, 3, H, W)` -> normalised tokens `(B, H', W', C)` of the last stage."""
-        if not torch.jit.is_scripting():
-            _check_input(x, self.img_size)
+        _check_input(x, self.img_size)
         x = self.stem(x).permute(0, 2, 3, 1)
         for stage in self.stages:
             if self.grad_checkpointing and not torch.jit.is_scripting():

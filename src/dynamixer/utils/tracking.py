@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from dynamixer.sweep import REPLICATE_KEY
 from dynamixer.utils.launch import is_multirun
 
 
@@ -82,7 +83,7 @@ def sweep_config() -> dict[str, Any]:
         key = override.key_or_group
         if (key in swept) if swept is not None else (key not in excluded):
             values[key] = override.value()
-    setting = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed") or "default"
+    setting = ",".join(f"{k}={v}" for k, v in values.items() if k != REPLICATE_KEY) or "default"
     return {"sweep": {"name": sweep_dir.name, "values": values, "setting": setting}}
 
 
