@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,24 +20,65 @@ def image_tree(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def user_error(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> Callable[..., str]:
-    """`user_error(script, args, cwd)` runs `python <script> *args` in process in `cwd` (the command line,
-    Hydra, the run layer); it must stop with a user's error: exit status 2, one message on stderr, no
-    traceback. Returns the message."""
+def entry(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
+    """`entry(script, args, cwd)` runs `python <script> *args` in process in `cwd` (the command line, Hydra,
+    the run layer) and returns its exit status, stdout and stderr."""
     from dynamixer.run.cli import run_main
 
-    def run(script: str, args: Sequence[str], cwd: Path) -> str:
+    def run(script: str, args: Sequence[str], cwd: Path) -> tuple[int, str, str]:
         main = entry_point(script).main
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
         monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
         monkeypatch.delenv("DYNAMIXER_TRACES_ASKED", raising=False)
         capfd.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
+        code = 0
+        try:
             run_main(main)
-        message = capfd.readouterr().err
-        assert exit_info.value.code == 2, message
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def user_error(entry: Callable[..., tuple[int, str, str]]) -> Callable[..., str]:
+    """`user_error(script, args, cwd)` runs the entry point in process (`entry`); it must stop with a user's
+    error: exit status 2, one message on stderr, no traceback. Returns the message."""
+
+    def run(script: str, args: Sequence[str], cwd: Path) -> str:
+        code, _, message = entry(script, args, cwd)
+        assert code == 2, message
         assert message.startswith("Error: ") and "Traceback" not in message, message
         return message
 
     return run
+
+
+class ConnectionCounter:
+    """A TCP listener on 127.0.0.1 that counts the connections made to it (`url` is its address)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
+@pytest.fixture
+def connections() -> Iterator[ConnectionCounter]:
+    """A listener that counts connection attempts: what a file must never make us reach."""
+    counter = ConnectionCounter()
+    yield counter
+    counter.server.close()

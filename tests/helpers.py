@@ -199,3 +199,15 @@ def fetch_timm_model_tests(dest: Path) -> Path:
         tests = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"]]
         tar.extractall(dest, members=tests, filter="data")
     return dest / archive.name.removesuffix(".tar.gz") / "tests"
+
+
+def files_state(root: str | os.PathLike, skip: str | os.PathLike | None = None) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under `root` (but those under `skip`) with its size, modification time and first bytes: what
+    an attack that writes, truncates or creates files would change."""
+    root, found = Path(root), {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not (skip is not None and path.is_relative_to(skip)):
+            stat = path.stat()
+            with open(path, "rb") as f:
+                found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, f.read(64))
+    return found

@@ -1,5 +1,6 @@
-"""Opening a checkpoint never runs code from it: pickled objects and stored configs that would build
-anything but our own classes are refused wherever a checkpoint is opened; formats and classes are checked."""
+"""Opening a checkpoint never runs code from it, reaches the network or writes a file: pickled objects are
+refused wherever a checkpoint is opened, and a stored config is plain data read through our own conf
+options (crafted ones are refused, sections never built are never read); formats and classes are checked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from dynamixer import load_release_checkpoint
 from dynamixer.run import train
-from helpers import compose_job_config, read_checkpoint, write_image_tree
+from helpers import compose_job_config, files_state, read_checkpoint, write_image_tree
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
 IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
@@ -76,26 +77,93 @@ def test_the_release_loader_refuses_a_pickled_object(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("section", ["data", "model", "module", "optimizer"])
-def test_a_stored_config_that_would_build_anything_else_is_refused(
-    section: str, trained, tmp_path: Path, user_error
-) -> None:
-    marker = tmp_path / "emptied"
-    marker.write_text("precious")
+def open_for_writing(path: Path) -> dict:
+    """A config node that Hydra would build into `open(path, "w")`: it truncates the file."""
+    return {"_target_": "builtins.open", "_args_": [str(path), "w"]}
 
-    def inject(checkpoint):
-        node = checkpoint["hyper_parameters"]["run_config"][section]
-        node.clear()
-        node.update({"_target_": "builtins.open", "_args_": [str(marker), "w"]})
 
-    evil = crafted(trained, tmp_path, inject)
-    for script, args in (
+# crafted run configs that test.py, predict.py and export.py must refuse: (marker, listener url) -> change
+REFUSED = {
+    "data_target": lambda m, url: {"data": open_for_writing(m)},
+    "model_target": lambda m, url: {"model": open_for_writing(m)},
+    # interpolations would be resolved before a check of the stored names could see them
+    "interpolation_into_an_unchecked_key": lambda m, url: {
+        "model.img_size": "${zz.p}",
+        "zz": {"p": open_for_writing(m)},
+    },
+    "resolver_oc_create": lambda m, url: {
+        "model.segments": f"${{oc.create:{{_target_: builtins.open, _args_: [{m}, w]}}}}",
+    },
+    "nested_target": lambda m, url: {"data.train_aug": open_for_writing(m)},
+    # timm would download weights from the file's url, with a secret of the environment in it
+    "pretrained_url_with_a_secret": lambda m, url: {
+        "model.pretrained": True,
+        "model.pretrained_cfg_overlay": {"url": f"{url}/${{oc.env:DYNAMIXER_TEST_SECRET}}"},
+    },
+    "pretrained_url": lambda m, url: {"model.pretrained": True, "model.pretrained_cfg_overlay": {"url": f"{url}/w"}},
+    "another_kind_of_value": lambda m, url: {"model.img_size": [open_for_writing(m)]},
+}
+# hostile values in what test/predict/export never build or never take from a file: they work as usual
+IGNORED = lambda m, url: {  # noqa: E731
+    **{section: open_for_writing(m) for section in ("module", "optimizer", "scheduler", "callbacks", "logger")},
+    "trainer": {**open_for_writing(m), "plugins": [open_for_writing(m)]},
+    "model.pretrained_file": f"{url}/weights.pth",
+}
+
+
+def craft_config(trained, tmp_path: Path, changes: dict) -> Path:
+    def change(checkpoint):
+        run_config = checkpoint["hyper_parameters"]["run_config"]
+        for key, value in changes.items():
+            *parents, last = key.split(".")
+            node = run_config
+            for parent in parents:
+                node = node[parent]
+            node[last] = value
+
+    return crafted(trained, tmp_path, change)
+
+
+def commands(evil: Path, trained) -> list[tuple[str, list[str]]]:
+    out = evil.parent / "exported"
+    return [
         ("test.py", [f"ckpt_path={evil}", "hardware=cpu"]),
         ("predict.py", [f"ckpt_path={evil}", f"inputs={trained[1] / 'val'}"]),
-    ):
+        ("export.py", [f"ckpt_path={evil}", f"out_dir={out}", "onnx=false"]),
+    ]
+
+
+@pytest.mark.parametrize("attack", sorted(REFUSED))
+def test_a_crafted_stored_config_runs_nothing_reaches_nothing_and_is_refused(
+    attack: str, trained, tmp_path: Path, user_error, connections, monkeypatch
+) -> None:
+    monkeypatch.setenv("DYNAMIXER_TEST_SECRET", "api-token-123")
+    marker = tmp_path / "precious.txt"
+    marker.write_text("precious")
+    evil = craft_config(trained, tmp_path, REFUSED[attack](marker, connections.url))
+    before = files_state(tmp_path, skip=tmp_path / "logs")
+    for script, args in commands(evil, trained):
         message = user_error(script, args, tmp_path)
-        assert f"{section}: 'builtins.open'" in message and "refused to build" in message, message
-    assert marker.read_text() == "precious"
+        assert "refused to use the run config stored in" in message, (script, message)
+        assert "api-token-123" not in message
+    assert files_state(tmp_path, skip=tmp_path / "logs") == before  # nothing written, truncated or created
+    assert connections.connections == 0
+
+
+def test_what_is_never_built_from_a_checkpoint_cannot_stop_it_being_used(
+    trained, tmp_path: Path, entry, connections
+) -> None:
+    """Sections test/predict/export do not build (the optimizer a new conf/optimizer/*.yaml adds, the
+    module, callbacks, loggers) are never built from a file, whatever they name; `pretrained_file` is never
+    taken from one (the checkpoint's own weights are loaded)."""
+    marker = tmp_path / "precious.txt"
+    marker.write_text("precious")
+    evil = craft_config(trained, tmp_path, IGNORED(marker, connections.url))
+    for script, args in commands(evil, trained):
+        code, out, err = entry(script, args, tmp_path)
+        assert code == 0, (script, err[-3000:])
+    assert (evil.parent / "exported" / "model.safetensors").is_file()
+    assert marker.read_text() == "precious" and connections.connections == 0
 
 
 def test_a_checkpoint_without_our_format_version_gets_a_clear_error(trained, tmp_path: Path, user_error) -> None:

@@ -415,8 +415,13 @@ def test_no_weight_decay_on_1d_parameters(optimizer):
 def test_compile_trains_the_compiled_model_like_eager_and_keeps_eager_checkpoint_keys(tmp_path):
     torch.manual_seed(0)
     backbone = timm.create_model("dynamixer_tiny", img_size=16, layers=[1, 1, 1, 1], num_classes=NUM_CLASSES)
-    eager = make_module(model=backbone, label_smoothing=0.1, ema_decay=0.9)
-    compiled = make_module(model=copy.deepcopy(backbone), label_smoothing=0.1, ema_decay=0.9, compile=True)
+    # SGD: each step is linear in the gradient, so what the compiler rounds differently stays that small
+    # (AdamW's first steps are about lr * sign(g): a rounding on a near-zero gradient flips a whole step)
+    sgd = partial(torch.optim.SGD, lr=0.5)
+    eager = make_module(model=backbone, label_smoothing=0.1, ema_decay=0.9, optimizer=sgd)
+    compiled = make_module(
+        model=copy.deepcopy(backbone), label_smoothing=0.1, ema_decay=0.9, compile=True, optimizer=sgd
+    )
     initial = copy.deepcopy(backbone.state_dict())
     data = TensorDataset(torch.randn(24, 3, 16, 16), torch.randint(0, NUM_CLASSES, (24,)))
     for module in (eager, compiled):
@@ -424,9 +429,9 @@ def test_compile_trains_the_compiled_model_like_eager_and_keeps_eager_checkpoint
         fit.fit(module, train_dataloaders=DataLoader(data, batch_size=8))
 
     assert compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
-    # the same three AdamW steps: the compiled kernels only round differently
+    # the same three SGD steps: the compiled kernels only round differently
     for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     moved = max((a - initial[k]).abs().max().item() for k, a in compiled.model.state_dict().items())
     assert moved > 1e-3  # it trained
     path = tmp_path / "compiled.ckpt"

@@ -112,8 +112,8 @@ def read_predictions(workdir: Path, run_name: str) -> dict:
 
 def reference(ckpt: Path, files: list[Path]) -> torch.Tensor:
     """Softmax of the checkpoint's EMA model on the files, transformed as the data module's validation images."""
-    model, hparams = load_model(str(ckpt), "ema")
-    info = hparams["data_info"]
+    model, stored = load_model(str(ckpt), "ema")
+    info = stored.data_info
     assert info["class_names"] == CLASS_NAMES
     transform = DigitsDataModule(img_size=info["img_size"]).eval_transform()
     images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])

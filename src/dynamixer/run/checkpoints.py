@@ -8,15 +8,15 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.lit_module import CHECKPOINT_FORMAT
 from dynamixer.models.weights import training_weights
+from dynamixer.run.stored_config import StoredRun, read_stored_run
 
 log = logging.getLogger(__name__)
 
@@ -41,54 +41,6 @@ def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[st
             "model.pretrained_file=<file>"
         )
     return checkpoint
-
-
-# what a stored run config may build: our data modules, models, module, optimizers and schedule, nothing else
-BUILT_SECTIONS = ("data", "model", "module", "optimizer", "scheduler")
-ALLOWED_TARGETS = frozenset(
-    {
-        "dynamixer.data.CIFARDataModule",
-        "dynamixer.data.DigitsDataModule",
-        "dynamixer.data.ImageFolderDataModule",
-        "timm.create_model",
-        "dynamixer.models.create_model",
-        "dynamixer.lit_module.ImageClassifier",
-        "timm.data.Mixup",
-        "torch.optim.AdamW",
-        "torch.optim.SGD",
-        "dynamixer.schedules.cosine_with_warmup",
-    }
-)
-
-
-def _targets(node: Any, path: str) -> list[tuple[str, Any]]:
-    """`(key path, _target_)` of every node under `node` that names one."""
-    if isinstance(node, dict):
-        found = [(path, node["_target_"])] if "_target_" in node else []
-        return found + [t for k, v in node.items() for t in _targets(v, f"{path}.{k}")]
-    if isinstance(node, list):
-        return [t for i, v in enumerate(node) for t in _targets(v, f"{path}[{i}]")]
-    return []
-
-
-def check_run_config(run_config: dict[str, Any], ckpt_path: str) -> None:
-    """A stored run config is data: refuse it, before anything is built from it, when it names anything
-    but our own data modules, models, module, optimizers and schedule."""
-    refused = [
-        f"{path}: {target!r}"
-        for section in BUILT_SECTIONS
-        for path, target in _targets(run_config.get(section), section)
-        if target not in ALLOWED_TARGETS
-    ]
-    model_name = (run_config.get("model") or {}).get("model_name")
-    if model_name not in timm.list_models("dynamixer_*"):
-        refused.append(f"model.model_name: {model_name!r}")
-    if refused:
-        raise CheckpointError(
-            f"refused to build from the run config stored in {ckpt_path}: it names {'; '.join(refused)}, which "
-            f"dynamixer does not build from a checkpoint (only {', '.join(sorted(ALLOWED_TARGETS))} and the "
-            "dynamixer_* models). Use a checkpoint written by dynamixer's train.py."
-        )
 
 
 def _readable(path: Path) -> bool:
@@ -128,6 +80,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 def _describe(model_cfg: Any, num_classes: Any) -> str:
     """The model config's architecture keys that are set (unset ones are the variant's own)."""
     keys = ("model_name", "img_size", "segments", "reduced_dim", "fusion", "mixing")
+    model_cfg = model_cfg if hasattr(model_cfg, "get") else {}
     return f"{ {k: model_cfg.get(k) for k in keys if model_cfg.get(k) is not None} } with {num_classes} classes"
 
 
@@ -145,7 +98,7 @@ def check_checkpoint_fits(ckpt_path: str, model: torch.nn.Module, cfg: DictConfi
     differ += [f"{k}: not in the model" for k in saved if k not in expected]
     if differ:
         hparams = checkpoint.get("hyper_parameters", {})
-        stored = (hparams.get("run_config") or {}).get("model", {})
+        stored = (hparams.get("run_config") or {}).get("model")
         raise CheckpointError(
             f"checkpoint {ckpt_path} does not fit this run's model ({len(differ)} tensors differ, e.g. {differ[0]}).\n"
             f"  checkpoint: {_describe(stored, hparams.get('num_classes'))}\n"
@@ -154,15 +107,12 @@ def check_checkpoint_fits(ckpt_path: str, model: torch.nn.Module, cfg: DictConfi
         )
 
 
-def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
-    """A training checkpoint written by train.py (it holds the run's config in its hyper-parameters)."""
+def load_checkpoint(ckpt_path: str) -> tuple[dict[str, Any], StoredRun]:
+    """A training checkpoint written by train.py, and its stored run (validated, see `stored_config`)."""
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise MissingPathError(f"ckpt_path={ckpt_path} does not exist: give the path of a checkpoint (.ckpt) file")
     checkpoint = read_checkpoint(ckpt_path)
-    if "run_config" not in checkpoint.get("hyper_parameters", {}):
-        raise CheckpointError(f"{ckpt_path} holds no run config: it was not written by dynamixer's train.py")
-    check_run_config(checkpoint["hyper_parameters"]["run_config"], ckpt_path)
-    return checkpoint
+    return checkpoint, read_stored_run(checkpoint, ckpt_path)
 
 
 def backbone_state(checkpoint: dict[str, Any], weights: str, ckpt_path: str) -> dict[str, torch.Tensor]:
@@ -173,32 +123,11 @@ def backbone_state(checkpoint: dict[str, Any], weights: str, ckpt_path: str) -> 
         raise CheckpointError(str(err)) from None
 
 
-def load_run_config(checkpoint: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of the run that wrote `checkpoint`, with `data` overrides of this command on top.
-
-    The model is always the checkpoint's own; data can be pointed elsewhere (`data.data_dir=...`,
-    `data.batch_size=...`, any other `++data.<key>=...`).
-    """
-    run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["run_config"])
-    with open_dict(run_cfg):
-        for override in overrides:
-            key = override.lstrip("+~").split("=", 1)[0]
-            if key == "data" or key.startswith("data."):
-                OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
-        run_cfg.paths = cfg.paths
-        run_cfg.model.pretrained_file = None  # the checkpoint's own weights are loaded instead
-    return run_cfg
-
-
-def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the
-    checkpoint's hyper-parameters (`run_config`, `num_classes`, `data_info`)."""
-    checkpoint = load_checkpoint(ckpt_path)
+def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, StoredRun]:
+    """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the checkpoint's
+    stored run (model and data settings, class names, eval transform)."""
+    checkpoint, stored = load_checkpoint(ckpt_path)
     state = backbone_state(checkpoint, weights, ckpt_path)
-    hparams = checkpoint["hyper_parameters"]
-    model_cfg = OmegaConf.create(hparams["run_config"]).model
-    with open_dict(model_cfg):
-        model_cfg.pretrained_file = None  # the checkpoint's own weights are loaded instead
-    model = instantiate(model_cfg, num_classes=hparams["num_classes"], _convert_="all")
+    model = instantiate(stored.model, num_classes=stored.num_classes, _convert_="all")
     model.load_state_dict(state)
-    return model.eval(), hparams
+    return model.eval(), stored

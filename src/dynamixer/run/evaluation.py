@@ -9,13 +9,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data import build_transform, load_rgb
-from dynamixer.errors import CheckpointError, MissingPathError
-from dynamixer.run.build import build
-from dynamixer.run.checkpoints import backbone_state, load_checkpoint, load_model, load_run_config
+from dynamixer.errors import CheckpointError, ConfigError, MissingPathError
+from dynamixer.lit_module import ImageClassifier
+from dynamixer.run.checkpoints import load_model
+from dynamixer.run.stored_config import StoredRun
 from dynamixer.run.training import command_overrides
 from dynamixer.utils.results import write_results
 
@@ -25,19 +26,17 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate the checkpoint `cfg.ckpt_path` on the val split with `cfg.weights` (raw or ema);
     print top-1/top-5 and write them to `<run folder>/eval.json`."""
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    state = backbone_state(checkpoint, cfg.weights, cfg.ckpt_path)
-    datamodule, module = build(load_run_config(checkpoint, cfg, command_overrides()))
-    check_class_names(checkpoint["hyper_parameters"]["data_info"]["class_names"], datamodule.class_names, cfg)
-    module.model.load_state_dict(state)
-    module.ema = None  # evaluate one set of weights
+    model, stored = load_model(cfg.ckpt_path, cfg.weights)
+    datamodule = instantiate(eval_data_config(stored, cfg, command_overrides()))
+    check_class_names(stored.data_info["class_names"], datamodule.class_names, cfg)
+    module = ImageClassifier(model=model, num_classes=stored.num_classes, optimizer=None)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     results = {
         "checkpoint": str(cfg.ckpt_path),
         "weights": cfg.weights,
-        "epoch": checkpoint.get("epoch"),
-        "global_step": checkpoint.get("global_step"),
+        "epoch": stored.epoch,
+        "global_step": stored.global_step,
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
     if trainer.is_global_zero:
@@ -46,6 +45,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             print(f"{key}: {value:.4f}")
         log.info("written: %s", path)
     return results
+
+
+def eval_data_config(stored: StoredRun, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """The checkpoint's data section with this command's `data.<key>=...` overrides on top (keys of that
+    data option only)."""
+    data = dict(stored.data)
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "data" or not key.startswith("data."):
+            continue
+        name = key.split(".")[1]
+        if name not in data or name == "_target_":
+            raise ConfigError(
+                f"{key} is not a setting of the checkpoint's data ({data['_target_']}); its settings: "
+                f"{', '.join(k for k in sorted(data) if k != '_target_')}"
+            )
+        value = OmegaConf.select(cfg, f"data.{name}")
+        data[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return data
 
 
 def check_class_names(trained: list[str], found: list[str], cfg: DictConfig) -> None:
@@ -76,8 +94,8 @@ def image_files(inputs: str) -> list[Path]:
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for an image file or every image of a folder (`cfg.inputs`);
     printed, and written to `<run folder>/predictions.json`."""
-    model, hparams = load_model(cfg.ckpt_path, cfg.weights)
-    info = hparams["data_info"]
+    model, stored = load_model(cfg.ckpt_path, cfg.weights)
+    info = stored.data_info
     transform = build_transform(
         info["img_size"],
         False,

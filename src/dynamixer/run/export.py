@@ -23,10 +23,10 @@ def export(cfg: DictConfig) -> Path:
     arguments, the data config: input size, mean, std, crop_pct, interpolation) with timm's own writer;
     `timm.create_model("local-dir:<out_dir>", pretrained=True)` rebuilds the model from them. With `cfg.onnx`,
     also `model.onnx`, checked against PyTorch with onnxruntime."""
-    model, hparams = load_model(cfg.ckpt_path, cfg.weights)
-    info, model_cfg = hparams["data_info"], hparams["run_config"]["model"]
-    model_args: dict[str, Any] = {k: model_cfg[k] for k in ARCHITECTURE_ARGS if model_cfg.get(k) is not None}
-    model_args["num_classes"] = hparams["num_classes"]
+    model, stored = load_model(cfg.ckpt_path, cfg.weights)
+    info = stored.data_info
+    model_args: dict[str, Any] = {k: stored.model[k] for k in ARCHITECTURE_ARGS if stored.model.get(k) is not None}
+    model_args["num_classes"] = stored.num_classes
     out_dir = Path(cfg.out_dir)
     save_for_hf(
         model,
