@@ -4,8 +4,10 @@ and check that it ends bit-identical to an uninterrupted run of that command.
     python benchmarks/chaos_resume.py --kills 20
     python benchmarks/chaos_resume.py --kills 3 -- trainer.max_epochs=2 hardware=cpu trainer.devices=2
 
-The command is `python train.py run_name=<name> ckpt_path=auto <overrides>` (default overrides below: the
-default digits model, 2 loader workers, a checkpoint every 10 steps, 10 epochs). Each restart is killed a
+The command is `python train.py run_name=<name> ckpt_path=auto <randomness> <overrides>`: every source of
+randomness of the paper's recipe (`RECIPE_RANDOMNESS`: drop path, mixup/cutmix, RandAugment, random erasing)
+on the default digits model, then the overrides (default below: 2 loader workers, a checkpoint every 10
+steps, 10 epochs). Each restart is killed a
 random 0-`--max-delay` seconds after it has written a checkpoint beyond the one it resumed from, so every
 restart makes progress and the kills land anywhere: in training steps, validation, or a checkpoint write.
 A kill takes the whole process group, as a scheduler does (DDP ranks included). Compared with
@@ -36,6 +38,14 @@ DEFAULT_OVERRIDES = [
     "data.num_workers=2",
     "callbacks.last_checkpoint.every_n_train_steps=10",
     "trainer.max_epochs=10",
+]
+# what draws random numbers in the paper's recipe (docs/paper.md, section 4), on top of the default run
+RECIPE_RANDOMNESS = [
+    "model.drop_path_rate=0.1",
+    "module/mixup=paper",
+    "+data.train_aug.auto_augment=rand-m9-mstd0.5-inc1",
+    "+data.train_aug.re_prob=0.25",
+    "+data.train_aug.re_mode=pixel",
 ]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="train.py overrides (after --), default: " + " ".join(DEFAULT_OVERRIDES)
     )
     args = ap.parse_args(argv)
-    overrides = args.overrides or DEFAULT_OVERRIDES
+    overrides = [*RECIPE_RANDOMNESS, *(args.overrides or DEFAULT_OVERRIDES)]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chaos_resume_"))
     rng = random.Random(args.seed)
 

@@ -118,6 +118,10 @@ class ClassificationDataModule(LightningDataModule, ABC):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # each new iterator draws its workers' base seed from this generator: from the process's own it
+            # would take a draw that a resumed run (iterator made after the restore) takes one step late, and
+            # every drop-path and dropout mask after it would differ; the samples are seeded on their own
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
