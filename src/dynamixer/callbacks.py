@@ -135,6 +135,21 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
 
 
+class RebuildSchedule(Callback):
+    """A resumed run extended with a new length (`extend=true trainer.max_epochs=...`): the restored lr
+    schedule, built for the old length, is replaced at the first step by one built for the new length and
+    set at the current step, as timm's train.py does on a resume with other `--epochs`. `record` says when
+    and what changed, for results.json."""
+
+    def __init__(self, changed: dict[str, Any]) -> None:
+        self.changed = changed
+        self.record: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.rebuild_schedule()
+        self.record = {"at_step": trainer.global_step, "changed": self.changed}
+
+
 class MixingFigures(Callback):
     """Every `every_n_epochs` validation epochs, the loggers that take images (W&B, TensorBoard) receive what
     the model generates for the first `num_images` validation images: the mixing matrices of `layer` per

@@ -223,10 +223,19 @@ class ImageClassifier(L.LightningModule):
             groups = [{**g, "lr": base_lr * g["lr_scale"]} if "lr_scale" in g and base_lr else g for g in groups]
             return {"optimizer": self.optimizer_factory(params=groups)}
         optimizer = self.optimizer_factory(params=groups)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._schedule(optimizer), "interval": "step"}}
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> Scheduler:
+        """The lr schedule over the trainer's length (`max_epochs`, the steps of each)."""
         max_epochs = max(self.trainer.max_epochs or 1, 1)
         steps_per_epoch = self.trainer.estimated_stepping_batches / max_epochs
-        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+
+    def rebuild_schedule(self) -> None:
+        """Replace the (restored) lr schedule by one built for the trainer's length, set at the current step."""
+        (config,) = self.trainer.lr_scheduler_configs
+        config.scheduler.load_state_dict(self._schedule(config.scheduler.optimizer).state_dict())
+        config.scheduler.step_update(num_updates=self.global_step)
 
     def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
         # timm schedulers are stepped with the number of optimizer updates done so far

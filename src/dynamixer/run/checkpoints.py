@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
@@ -75,6 +75,67 @@ def resume_path(cfg: DictConfig) -> str | None:
             "last.ckpt), or ckpt_path=auto to resume this run folder's last checkpoint when there is one"
         )
     return ckpt_path
+
+
+# what a resume must train as before: these sections and keys (every key under a section, but the ones below)
+TRAINED = ("data", "model", "module", "optimizer", "scheduler", "seed")
+TRAINED_TRAINER_KEYS = (
+    "max_epochs",
+    "max_steps",
+    "limit_train_batches",
+    "accumulate_grad_batches",
+    "precision",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+# where the data is read from and how fast, how weights were first initialised, how the step is computed
+NOT_TRAINED = (
+    "data.data_dir",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.verify",
+    "model.pretrained_file",
+    "model.pretrained_weights",
+    "model.grad_checkpointing",
+    "module.compile",
+)
+EXTENDABLE = ("trainer.max_epochs", "trainer.max_steps")
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def _trained(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of a run config that define what is trained."""
+    keys = {k: v for section in TRAINED for k, v in _flat(config.get(section), section).items()}
+    trainer = config.get("trainer") or {}
+    keys.update({f"trainer.{k}": trainer.get(k) for k in TRAINED_TRAINER_KEYS})
+    return {k: v for k, v in keys.items() if not k.startswith(NOT_TRAINED)}
+
+
+def check_resume_config(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | None:
+    """A resume trains what was trained before: refuse, naming each key with its old and new value, a
+    command that changes it. With `extend=true` a new `trainer.max_epochs`/`max_steps` is accepted (the
+    schedule is then rebuilt for it): returns `{key: [old, new]}` of those, or None."""
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)
+    stored = _trained(read_stored_run(checkpoint, ckpt_path).run_config)
+    now = _trained(OmegaConf.to_container(cfg, resolve=True))
+    differ = {k: [stored.get(k), now.get(k)] for k in sorted(stored.keys() | now.keys()) if stored.get(k) != now.get(k)}
+    extended = {k: v for k, v in differ.items() if k in EXTENDABLE} if cfg.get("extend") else {}
+    refused = {k: v for k, v in differ.items() if k not in extended}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise CheckpointError(
+            f"this command trains other settings than {ckpt_path} was trained with ({listed}). A resume trains "
+            "what was trained before: resume with the run's own settings, or start a new run (another run_name) "
+            "from its weights with model.pretrained_file=<checkpoint>; to train longer, give the new "
+            "trainer.max_epochs with extend=true (the lr schedule is rebuilt for the new length at this step)"
+        )
+    return extended or None
 
 
 def _describe(model_cfg: Any, num_classes: Any) -> str:

@@ -17,12 +17,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from dynamixer.callbacks import MetricsHistory
+from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.run.build import build, model_size
-from dynamixer.run.checkpoints import check_checkpoint_fits, resume_path
+from dynamixer.run.checkpoints import check_checkpoint_fits, check_resume_config, resume_path
+from dynamixer.run.run_folder import claim_run_folder, record_config
 from dynamixer.utils.launch import (
     check_devices,
+    is_first_process,
     is_multirun,
     job_slot,
     prepare_ddp_relaunch,
@@ -43,8 +45,10 @@ def command_overrides() -> list[str]:
 
 
 def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
-    """The content of `results.json`: final and best validation metrics, best checkpoint, model size."""
+    """The content of `results.json`: final and best validation metrics, best checkpoint, model size, and
+    the schedule's extension when this start extended it."""
     history = next(c.history for c in trainer.callbacks if isinstance(c, MetricsHistory))
+    extension = next((c.record for c in trainer.callbacks if isinstance(c, RebuildSchedule)), None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
     best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -63,6 +67,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "global_step": trainer.global_step,
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
+        **({"schedule_extended": extension} if extension else {}),
     }
 
 
@@ -96,12 +101,18 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
     prepare_ddp_relaunch(slot_overrides)
     check_devices(cfg.trainer)
     ckpt_path = resume_path(cfg)
+    extended = check_resume_config(ckpt_path, cfg) if ckpt_path else None
+    if is_first_process():
+        claim_run_folder(cfg, resuming=ckpt_path is not None or cfg.get("ckpt_path") == "auto")
+        record_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, module.model, cfg, datamodule.num_classes)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(MetricsHistory())  # results.json is made from it
+    if extended:
+        callbacks.append(RebuildSchedule(extended))
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins

@@ -50,6 +50,12 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
         )
 
 
+def is_first_process() -> bool:
+    """Whether this process is global rank 0 of its run, by the environment a launcher gives its ranks
+    (Lightning's DDP re-launch, torchrun, SLURM's tasks), before any process group exists."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
+
+
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 

@@ -1,0 +1,104 @@
+"""A run's folder belongs to that run, and a resume trains what was trained before: a fresh start refuses a
+folder that holds a run and leaves it as it was; a resume that changes what is trained is refused naming
+each key; `extend=true` trains longer on the schedule rebuilt for the new length."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynamixer.run.run_folder import RunFolderError, claim_run_folder
+from dynamixer.schedules import cosine_with_warmup
+from helpers import QUIET_TRAIN, compose_train_config, files_state, run_dir
+
+STEPS_PER_EPOCH = 4
+RUN = [
+    *QUIET_TRAIN,
+    "run_name=a",
+    f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_epochs=1",
+    "callbacks.mixing_figures=null",
+]
+
+
+@pytest.fixture
+def two_epochs(tmp_path: Path, entry) -> Path:
+    """A finished 2-epoch run `a` in `tmp_path`; returns its folder."""
+    code, _, err = entry("train.py", [*RUN, "trainer.max_epochs=2"], tmp_path)
+    assert code == 0, err[-3000:]
+    return run_dir(tmp_path, "a")
+
+
+def test_a_fresh_start_in_a_run_folder_is_refused_and_changes_nothing(two_epochs, tmp_path, user_error) -> None:
+    before = files_state(two_epochs)
+    log = (two_epochs / "train.log").read_text()
+    message = user_error("train.py", [*RUN, "trainer.max_epochs=1", "seed=1"], tmp_path)
+    assert f"holds a run saved at step {2 * STEPS_PER_EPOCH}" in message
+    assert "ckpt_path=auto" in message and "run_name=" in message
+    after = files_state(two_epochs)
+    assert after.pop("train.log")[0] >= before.pop("train.log")[0]  # Hydra's job log only grows
+    assert (two_epochs / "train.log").read_text().startswith(log)
+    assert after == before  # checkpoints, metrics.csv, results.json and .hydra/ as they were
+
+
+def test_two_fresh_starts_cannot_share_a_folder_and_default_names_differ(tmp_path: Path) -> None:
+    cfg = compose_train_config(["run_name=same"], tmp_path / "run")
+    claim_run_folder(cfg, resuming=False)
+    with pytest.raises(RunFolderError, match="holds a run"):
+        claim_run_folder(cfg, resuming=False)  # the claim is exclusive (O_EXCL): one of two starts at once wins
+    claim_run_folder(cfg, resuming=True)  # a resume takes its own folder
+    names = {compose_train_config().run_name for _ in range(3)}
+    assert len(names) == 3  # to the microsecond (Hydra's `now` is cached per pattern: new compositions differ)
+
+
+def test_a_resume_that_changes_what_is_trained_is_refused_naming_each_key(two_epochs, tmp_path, user_error) -> None:
+    resume = [*RUN, "trainer.max_epochs=2", "ckpt_path=auto"]
+    message = user_error("train.py", [*resume, "trainer.max_epochs=4", "optimizer.lr=1e-4"], tmp_path)
+    assert "optimizer.lr: 0.002 -> 0.0001" in message and "trainer.max_epochs: 2 -> 4" in message
+    assert "extend=true" in message
+    message = user_error("train.py", [*resume, "optimizer=sgd"], tmp_path)
+    assert "optimizer._target_: 'torch.optim.AdamW' -> 'torch.optim.SGD'" in message
+    message = user_error("train.py", [*resume, "module.ema_decay=null"], tmp_path)
+    assert "module.ema_decay: 0.999 -> None" in message
+    for change in ("data.batch_size=16", "model.segments=2", "seed=7", "trainer.accumulate_grad_batches=2"):
+        assert change.split("=")[0] in user_error("train.py", [*resume, change], tmp_path)
+
+
+def test_a_resume_accepts_what_does_not_change_training(two_epochs, tmp_path, entry) -> None:
+    args = [*RUN, "trainer.max_epochs=2", "ckpt_path=auto", "data.num_workers=1", "callbacks.lr_monitor=null"]
+    code, _, err = entry("train.py", args, tmp_path)
+    assert code == 0, err[-3000:]
+
+
+def logged_lr(folder: Path) -> dict[int, float]:
+    """The lr of the first parameter group, as the LearningRateMonitor logged it at each step."""
+    with open(folder / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
+    return {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows}
+
+
+def test_extend_trains_longer_on_the_schedule_rebuilt_for_the_new_length(two_epochs, tmp_path, entry) -> None:
+    code, _, err = entry("train.py", [*RUN, "trainer.max_epochs=4", "ckpt_path=auto", "extend=true"], tmp_path)
+    assert code == 0, err[-3000:]
+    resumed = 2 * STEPS_PER_EPOCH
+    # timm's cosine over 4 epochs, as the config builds it (lr 2e-3, warm-up 1 epoch from 1e-6, floor 1e-5)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    schedule = functools.partial(cosine_with_warmup, steps_per_epoch=STEPS_PER_EPOCH, warmup_epochs=1)
+    four, two = (schedule(optimizer, max_epochs=n, min_lr=1e-5, warmup_lr=1e-6) for n in (4, 2))
+    lrs = logged_lr(two_epochs)
+    assert sorted(lrs) == list(range(4 * STEPS_PER_EPOCH))  # every step once: the first 2 epochs, then 2 more
+    for step, lr in lrs.items():
+        # before the resume the 2-epoch schedule, after it the 4-epoch one (not the old floor)
+        expected = (two if step < resumed else four)._get_lr(step)[0]
+        assert lr == pytest.approx(expected, rel=1e-6), step
+    assert lrs[resumed] > 5 * lrs[resumed - 1]  # the old schedule had reached its floor
+    results = json.loads((two_epochs / "results.json").read_text())
+    assert results["global_step"] == 4 * STEPS_PER_EPOCH
+    assert results["schedule_extended"] == {"at_step": resumed, "changed": {"trainer.max_epochs": [2, 4]}}
