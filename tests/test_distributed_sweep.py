@@ -138,10 +138,35 @@ def test_a_two_axis_sweep_is_shown_as_a_grid(tmp_path: Path) -> None:
     paths = summarize(tmp_path)
     text = paths["table"].read_text()
     grid = text[text.index("(rows) x") :].splitlines()
-    assert grid[2] == "| model.reduced_dim \\ model.segments | 1 | 2 |"  # first axis down, second across
+    assert grid[2] == "| model.reduced_dim / model.segments | 1 | 2 |"  # first axis down, second across
     assert grid[4].startswith("| 1 | 0.6105 ± 0.0007 | 0.7105 ± 0.0007 |")
     assert "0.6105 ± 0.0007" in text  # segments 1, reduced_dim 1: seeds 0 and 1
     assert paths["plot"].stat().st_size > 1000
+
+
+def test_a_summary_never_writes_through_links_and_keeps_job_text_in_its_cell(tmp_path: Path) -> None:
+    """A sweep folder is someone's: `sweep.md`/`.json`/`.png` planted as links to files outside it (and a
+    planted temporary name) are replaced, their targets untouched; a job's error text cannot add rows or markup."""
+    sweep, outside = tmp_path / "sweep", tmp_path / "outside"
+    outside.mkdir()
+    for num, acc in enumerate([0.5, 0.6]):
+        write_job(sweep, num, {"model.segments": num + 1}, acc)
+    write_job(sweep, 2, {"model.segments": 4}, 0.0, status="failed")
+    failed = json.loads((sweep / "2_job" / "results.json").read_text())
+    failed["error"] = "ValueError: bad\n| 9_forged | 1 | finished | 0.9999 |\n<img src=x>"
+    (sweep / "2_job" / "results.json").write_text(json.dumps(failed))
+    for name in ("sweep.md", "sweep.json", "sweep.png"):
+        (outside / name).write_text("precious")
+        (sweep / name).symlink_to(outside / name)
+    (outside / "planted").write_text("precious")
+    (sweep / f".sweep.md.{os.getpid()}.tmp").symlink_to(outside / "planted")
+    paths = summarize(sweep)
+    assert all((outside / n).read_text() == "precious" for n in ("sweep.md", "sweep.json", "sweep.png", "planted"))
+    assert not any(p.is_symlink() for p in paths.values())
+    lines = paths["table"].read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| ")][1:] == ["| 0_job", "| 1_job", "| 2_job"]
+    (failure,) = [line for line in lines if line.startswith("- ")]
+    assert failure == "- 2_job failed: ValueError: bad \\| 9_forged \\| 1 \\| finished \\| 0.9999 \\| &lt;img src=x&gt;"
 
 
 def test_a_sweep_preset_runs_side_by_side_in_fast_debug_mode(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ at the end of every sweep (a Hydra callback, see conf/hydra/default.yaml).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dynamixer.utils.results import RESULTS_FILE, read_results
+from dynamixer.utils.results import RESULTS_FILE, read_results, write_file
 
 METRICS = ("val/acc1", "val/ema_acc1", "val/acc5", "val/loss")
 
@@ -99,9 +100,24 @@ def _seconds(value: float | None) -> str:
 
 
 def _metric(row: dict[str, Any], name: str) -> float | None:
-    best = row.get("best") or {}
-    value = best.get(name)
-    return None if value is None else float(value)
+    best = row.get("best")
+    value = best.get(name) if isinstance(best, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _cell(value: Any) -> str:
+    """Text for one Markdown table cell (or list item): on one line, with nothing that ends the cell or
+    starts markup (a job's error text is whatever the job raised)."""
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else ""
 
 
 def _mean_std(setting: dict[str, Any], metric: str) -> str:
@@ -115,24 +131,20 @@ def settings_markdown(groups: list[dict[str, Any]], metric: str) -> str:
     axes = list(groups[0]["values"]) if groups else []
     metrics = [metric] + [m for m in METRICS if m != metric]
     header = [*axes, "n", *[f"best {m} (mean ± std)" for m in metrics], "params", "GMACs", "wall s (mean)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_row(header), "|" + "---|" * len(header)]
     for g in groups:
         cells = [json.dumps(g["values"][k]) for k in axes] + [str(g["n"])]
         cells += [_mean_std(g, m) for m in metrics]
-        cells += [f"{g['num_params']:,}" if g.get("num_params") else "", str(g.get("gmacs") or "")]
+        cells += [_count(g.get("num_params")), str(g.get("gmacs") or "")]
         cells.append(_seconds(g.get("wall_s")))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     if len(axes) == 2:
         down, across = (sorted({json.dumps(g["values"][a]) for g in groups}, key=_sort_key) for a in axes)
         cell = {(json.dumps(g["values"][axes[0]]), json.dumps(g["values"][axes[1]])): g for g in groups}
         lines += ["", f"best {metric}, mean ± std: {axes[0]} (rows) x {axes[1]} (columns)", ""]
-        lines += ["| " + " | ".join([f"{axes[0]} \\ {axes[1]}", *across]) + " |", "|" + "---|" * (len(across) + 1)]
+        lines += [_row([f"{axes[0]} / {axes[1]}", *across]), "|" + "---|" * (len(across) + 1)]
         for d in down:
-            lines.append(
-                "| "
-                + " | ".join([d, *[_mean_std(cell[(d, a)], metric) if (d, a) in cell else "" for a in across]])
-                + " |"
-            )
+            lines.append(_row([d, *[_mean_std(cell[(d, a)], metric) if (d, a) in cell else "" for a in across]]))
     return "\n".join(lines) + "\n"
 
 
@@ -144,17 +156,17 @@ def _sort_key(text: str) -> tuple:
 def to_markdown(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
     metrics = [metric] + [m for m in METRICS if m != metric]
     header = ["job", *keys, "status", *[f"best {m}" for m in metrics], "params", "GMACs", "wall s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_row(header), "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["job"], *[json.dumps(r["overrides"].get(k)) for k in keys], r.get("status", "?")]
         for m in metrics:
             v = _metric(r, m)
             cells.append("" if v is None else f"{v:.4f}")
-        cells += [f"{r['num_params']:,}" if r.get("num_params") else "", str(r.get("gmacs") or "")]
+        cells += [_count(r.get("num_params")), str(r.get("gmacs") or "")]
         cells.append(_seconds(r.get("wall_s")))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     failed = [r for r in rows if r.get("status") == "failed"]
-    lines += [""] + [f"- {r['job']} failed: {r.get('error', '')}" for r in failed]
+    lines += [""] + [f"- {_cell(r['job'])} failed: {_cell(r.get('error', ''))}" for r in failed]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -204,8 +216,9 @@ def plot(groups: list[dict[str, Any]], metric: str, path: Path) -> Path:
         grid_ax[0].set_ylabel(axes[0])
         fig.colorbar(image, ax=grid_ax[0], label=f"best {metric} (mean)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    return write_file(path, image.getvalue())
 
 
 def summarize(sweep_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
@@ -221,9 +234,9 @@ def summarize(sweep_dir: str | Path, metric: str | None = None) -> dict[str, Pat
     table = to_markdown(rows, keys, metric)
     if REPLICATE_KEY in keys or len(groups[0]["values"]) == 2:  # the settings (mean ± std, grid), then every job
         table = settings_markdown(groups, metric) + "\n" + table
-    out["table"].write_text(table)
+    write_file(out["table"], table)
     report = {"metric": metric, "swept": keys, "settings": groups, "jobs": rows}
-    out["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_file(out["json"], json.dumps(report, indent=2, default=str) + "\n")
     plot(groups, metric, out["plot"])
     return out
 

@@ -138,36 +138,6 @@ def check_resume_config(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | Non
     return extended or None
 
 
-def _describe(model_cfg: Any, num_classes: Any) -> str:
-    """The model config's architecture keys that are set (unset ones are the variant's own)."""
-    keys = ("model_name", "img_size", "segments", "reduced_dim", "fusion", "mixing")
-    model_cfg = model_cfg if hasattr(model_cfg, "get") else {}
-    return f"{ {k: model_cfg.get(k) for k in keys if model_cfg.get(k) is not None} } with {num_classes} classes"
-
-
-def check_checkpoint_fits(ckpt_path: str, model: torch.nn.Module, cfg: DictConfig, num_classes: int) -> None:
-    """Fail early, naming both models, when a checkpoint's weights do not fit this run's backbone."""
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
-    saved = {k[len("model.") :]: v.shape for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    differ = [
-        f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(v)}"
-        for k, v in expected.items()
-        if k in saved and saved[k] != v
-    ]
-    differ += [f"{k}: not in the checkpoint" for k in expected if k not in saved]
-    differ += [f"{k}: not in the model" for k in saved if k not in expected]
-    if differ:
-        hparams = checkpoint.get("hyper_parameters", {})
-        stored = (hparams.get("run_config") or {}).get("model")
-        raise CheckpointError(
-            f"checkpoint {ckpt_path} does not fit this run's model ({len(differ)} tensors differ, e.g. {differ[0]}).\n"
-            f"  checkpoint: {_describe(stored, hparams.get('num_classes'))}\n"
-            f"  this run:   {_describe(cfg.model, num_classes)}\n"
-            "Resume with the model and data the checkpoint was trained with, or start without ckpt_path."
-        )
-
-
 def load_checkpoint(ckpt_path: str) -> tuple[dict[str, Any], StoredRun]:
     """A training checkpoint written by train.py, and its stored run (validated, see `stored_config`)."""
     if not ckpt_path or not os.path.isfile(ckpt_path):

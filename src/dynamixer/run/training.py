@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.run.build import build, model_size
-from dynamixer.run.checkpoints import check_checkpoint_fits, check_resume_config, resume_path
+from dynamixer.run.checkpoints import check_resume_config, resume_path
 from dynamixer.run.run_folder import claim_run_folder, record_config
 from dynamixer.utils.launch import (
     check_devices,
@@ -107,8 +107,6 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
         record_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
-    if ckpt_path:
-        check_checkpoint_fits(ckpt_path, module.model, cfg, datamodule.num_classes)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(MetricsHistory())  # results.json is made from it
     if extended:
@@ -131,7 +129,7 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
 
     try:
         try:
-            # resumed from a file read as data only (check_checkpoint_fits has checked it with read_checkpoint)
+            # resumed from a file read as data only (check_resume_config has read it with read_checkpoint)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
