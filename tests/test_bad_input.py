@@ -87,7 +87,40 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ),
     ("image size the patch cannot divide", lambda t: ["model.img_size=30"], ["img_size=(30, 30)", "patch_size=4"]),
     ("GPUs this machine does not have", lambda t: ["trainer.devices=8"], ["8 GPU(s)", "hardware=cpu"]),
+    ("no devices", lambda t: ["trainer.devices=0"], ["trainer.devices=0", "trainer.devices=1"]),
+    ("missing pretrained_file", lambda t: [f"model.pretrained_file={t / 'gone.pth'}"], ["gone.pth", "does not exist"]),
+    ("truncated ckpt_path", lambda t: [f"ckpt_path={truncated(t)}"], ["cut.ckpt", "cannot be read"]),
+    ("truncated pretrained_file", lambda t: [f"model.pretrained_file={truncated(t)}"], ["cut.ckpt", "cannot be read"]),
+    ("seed that is no number", lambda t: ["seed=abc"], ["seed=abc", "integer"]),
+    ("one class", lambda t: ["data.classes=[3]"], ["one class (['3'])", "two classes", "data.classes="]),
+    ("val_fraction too small", lambda t: ["data.val_fraction=0.001"], ["val_fraction=0.001", "each class"]),
+    (
+        "time interval without a unit",
+        lambda t: ["callbacks.last_checkpoint.train_time_interval=30"],
+        ["train_time_interval=30", "minutes: 30"],
+    ),
+    ("misspelled new data key", lambda t: ["+data.bacth_size=8"], ["data.bacth_size", "batch_size"]),
+    ("unknown requeue signal", lambda t: ["callbacks.stop_on_signal.requeue_on=[SIGFOO]"], ["SIGFOO", "SIGUSR2"]),
+    (
+        "EMA off while its metric is monitored",
+        lambda t: ["module.ema_decay=null", "callbacks.model_checkpoint.monitor=val/ema_acc1"],
+        ["val/ema_acc1", "module.ema_decay=null", "monitor=val/acc1"],
+    ),
+    ("output folder that cannot be made", lambda t: [f"paths.log_dir={blocked(t)}/logs"], ["blocked", "paths.log_dir"]),
 ]
+
+
+def truncated(tmp_path: Path) -> Path:
+    """A training checkpoint cut to half its length, as a kill or a full disk during a copy leaves it."""
+    data = tiny_checkpoint(tmp_path).read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    return tmp_path / "cut.ckpt"
+
+
+def blocked(tmp_path: Path) -> Path:
+    """A file where a folder would have to be made."""
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    return tmp_path / "blocked"
 
 
 @pytest.mark.parametrize("name,overrides,fragments", CASES, ids=[c[0] for c in CASES])
@@ -107,6 +140,7 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
         ("test.py", [], ["ckpt_path", "ckpt_path=..."]),
         ("test.py", ["ckpt_path=gone.ckpt"], ["ckpt_path=gone.ckpt does not exist"]),
         ("predict.py", ["ckpt_path=gone.ckpt", "inputs=x.png"], ["ckpt_path=gone.ckpt does not exist"]),
+        ("predict.py", ["ckpt_path=gone.ckpt", "inputs=x.png", "batch_size=0"], ["batch_size=0", "1 or more"]),
     ],
 )
 def test_evaluation_entry_points_report_bad_input_the_same_way(script, args, fragments, tmp_path: Path, user_error):

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dynamixer.data import ImageFolderDataModule
-from dynamixer.utils.launch import HardwareError, check_devices
+from dynamixer.errors import HardwareError
+from dynamixer.utils.launch import check_devices
 from helpers import CONF_DIR, compose_train_config, write_image_tree
 
 CONF = CONF_DIR

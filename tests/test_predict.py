@@ -188,3 +188,20 @@ def test_predict_a_missing_checkpoint_fails_naming_it(workdir, digits):
     assert proc.returncode != 0
     assert error_lines(proc, missing), f"no message names {missing}:\n{proc.stdout}\n{proc.stderr}"
     assert not printed_predictions(proc.stdout)
+
+
+def test_predict_a_folder_with_a_corrupt_file_classifies_the_others_and_lists_it(workdir, checkpoint, digits):
+    folder, files, _ = digits
+    mixed = workdir / "mixed"
+    mixed.mkdir()
+    for f in files:
+        (mixed / f.name).write_bytes(f.read_bytes())
+    broken = mixed / files[0].name
+    broken.write_bytes(broken.read_bytes()[:40])  # cut: the header only
+    proc = predict(workdir, checkpoint, mixed, "mixed")
+    assert {Path(p[0]).name for p in printed_predictions(proc.stdout)} == {f.name for f in files[1:]}
+    written = read_predictions(workdir, "mixed")
+    assert [Path(p["file"]).name for p in written["predictions"]] == [f.name for f in files[1:]]
+    (bad,) = written["unreadable"]
+    assert Path(bad["file"]) == broken and "cannot read image" in bad["error"]
+    assert str(broken) in proc.stderr and "skip_corrupt" not in proc.stderr  # predict.py has no such option

@@ -5,11 +5,14 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dynamixer.errors import ConfigError
 
 
 class StopOnSignal(Callback):
@@ -29,7 +32,14 @@ class StopOnSignal(Callback):
     """
 
     def __init__(self, requeue_on: Sequence[str] = ()) -> None:
-        self.requeue_on = [signal.Signals[name if name.startswith("SIG") else f"SIG{name}"] for name in requeue_on]
+        names = [str(name) if str(name).startswith("SIG") else f"SIG{name}" for name in requeue_on]
+        unknown = [name for name in names if name not in signal.Signals.__members__]
+        if unknown:
+            raise ConfigError(
+                f"requeue_on: {unknown[0]} is not a signal of this system: use names such as SIGUSR2 (what submitit "
+                "asks SLURM to send before a time limit), SIGUSR1 or SIGTERM"
+            )
+        self.requeue_on = [signal.Signals[name] for name in names]
         self.requeue_requested = False
         self._stop_requested = False
         self._previous: dict[signal.Signals, Any] = {}
@@ -108,6 +118,14 @@ class ResumableCheckpoint(ModelCheckpoint):
     update) or from one rank only: a save then would replace the last good state with a torn one, or
     wait at a barrier for ranks that never come.
     """
+
+    def __init__(self, *args: Any, train_time_interval: timedelta | None = None, **kwargs: Any) -> None:
+        if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+            raise ConfigError(
+                f"train_time_interval={train_time_interval} has no unit: give a duration, e.g. "
+                "callbacks.last_checkpoint.train_time_interval={_target_: datetime.timedelta, minutes: 30}"
+            )
+        super().__init__(*args, train_time_interval=train_time_interval, **kwargs)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):

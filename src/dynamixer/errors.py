@@ -21,3 +21,11 @@ class CheckpointError(UserError, ValueError):
 
 class DivergenceError(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and what to try."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
+
+
+class HardwareError(UserError, RuntimeError):
+    """The trainer asks for devices this machine does not have."""

@@ -93,6 +93,11 @@ class ImageClassifier(L.LightningModule):
             self.val_ema_loss = MeanMetric()
         self._epoch_start, self._epoch_images = 0.0, 0
 
+    def validation_metrics(self) -> list[str]:
+        """The names of the metrics each validation logs (what a checkpoint callback may monitor)."""
+        names = ["val/loss", *self.val_acc.keys()]
+        return names + (["val/ema_loss", *self.val_ema_acc.keys()] if self.ema is not None else [])
+
     def configure_model(self) -> None:
         # only for fitting: a test or predict pass over a checkpoint would mostly wait for the compile
         fitting = self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING

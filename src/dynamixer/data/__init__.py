@@ -1,11 +1,12 @@
 """Data layer: transforms and Lightning data modules for image classification."""
 
-from dynamixer.data.base import ClassificationDataModule, DataError
+from dynamixer.data.base import ClassificationDataModule
 from dynamixer.data.cifar import CIFARDataModule
 from dynamixer.data.digits import DigitsDataModule
 from dynamixer.data.imagefolder import ImageFolderDataModule
 from dynamixer.data.images import load_rgb
 from dynamixer.data.transforms import build_transform
+from dynamixer.errors import DataError
 
 __all__ = [
     "CIFARDataModule",

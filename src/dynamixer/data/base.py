@@ -14,11 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
-from dynamixer.errors import ConfigError, UserError
-
-
-class DataError(UserError, ValueError):
-    """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
+from dynamixer.errors import ConfigError, DataError
 
 
 class InMemoryImages(Dataset):

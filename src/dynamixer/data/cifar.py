@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dynamixer.data.base import ClassificationDataModule, DataError, InMemoryImages
+from dynamixer.data.base import ClassificationDataModule, InMemoryImages
 from dynamixer.data.transforms import padded_crop_transform
+from dynamixer.errors import DataError
 
 # folder, training files, test file, meta file, label key, label-names key
 LAYOUTS = {

@@ -11,6 +11,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from dynamixer.data.base import ClassificationDataModule, InMemoryImages
+from dynamixer.errors import DataError
+
+NUM_IMAGES = 1797  # in scikit-learn's digits
 
 
 class DigitsDataModule(ClassificationDataModule):
@@ -44,13 +47,19 @@ class DigitsDataModule(ClassificationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        # the split is stratified over the ten digits: each split needs an image of each
+        smallest = 10 / NUM_IMAGES
+        if not smallest <= float(val_fraction) <= 1.0 - smallest:
+            raise DataError(
+                f"data.val_fraction={val_fraction} leaves fewer images than the 10 digits in the training or the "
+                f"validation split, and the split gives each class at least one: use a value between "
+                f"{smallest:.4f} and {1 - smallest:.4f}, e.g. data.val_fraction=0.2"
+            )
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
         self.digits = sorted(int(c) for c in classes) if classes is not None else list(range(10))
         if not self.digits or any(not 0 <= d <= 9 for d in self.digits) or len(set(self.digits)) < len(self.digits):
-            raise ValueError(f"classes={list(classes)}: give distinct digits 0-9, e.g. [5, 6, 7, 8, 9]")
+            raise DataError(f"data.classes={list(classes)}: give distinct digits 0-9, e.g. [5, 6, 7, 8, 9]")
 
     @property
     def class_names(self) -> list[str]:

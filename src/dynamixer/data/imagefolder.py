@@ -14,8 +14,9 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from dynamixer.data.base import ClassificationDataModule, DataError
+from dynamixer.data.base import ClassificationDataModule
 from dynamixer.data.images import load_rgb
+from dynamixer.errors import DataError
 
 SPLITS = ("train", "val")
 _VERIFY_CHUNK = 256  # files per verify task, so ImageNet's 1.3M files do not become 1.3M pending futures
@@ -137,7 +138,7 @@ class CheckedImageFolder(ImageFolder):
                 img = self.loader(path)
             except DataError as err:
                 if not self.skip_corrupt:
-                    raise
+                    raise DataError(f"{err}, or set data.skip_corrupt=true to skip unreadable images") from err
                 self.corrupt_files.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
                 continue
@@ -226,7 +227,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             more = f"\n  ... and {len(bad) - _VERIFY_LISTED} more" if len(bad) > _VERIFY_LISTED else ""
             raise DataError(
                 f"{len(bad)} of {len(paths)} images under {self.data_dir} cannot be read:{listed}{more}\n"
-                "Replace or delete these files, or set skip_corrupt=True to leave them out."
+                "Replace or delete these files, or set data.skip_corrupt=true to leave them out."
             )
         for ds in datasets:
             ds.drop(bad.keys())

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from dynamixer.data.base import DataError
+from dynamixer.errors import DataError
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_SKIP_HINT = "or set skip_corrupt=True to skip unreadable images."
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -38,7 +37,7 @@ def load_rgb(path: str) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise DataError(
             f"image {path} is too large to decode safely: {err} Pillow refuses images over twice "
-            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels. Resize the image or delete it, " + _SKIP_HINT
+            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels. Resize the image or delete it"
         ) from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise DataError(f"cannot read image {path}: {err}. Replace or delete the file, " + _SKIP_HINT) from err
+        raise DataError(f"cannot read image {path}: {err}. Replace or delete the file") from err

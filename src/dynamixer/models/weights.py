@@ -19,9 +19,31 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from dynamixer.errors import CheckpointError, MissingPathError
+
 from .dynamixer import DynaMixer, checkpoint_filter_fn
 
-__all__ = ["create_model", "load_pretrained_file", "read_weights", "training_weights"]
+__all__ = ["create_model", "load_pretrained_file", "read_file", "read_weights", "training_weights"]
+
+
+def read_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """The content of a PyTorch file (`torch.save`), on the CPU, read as data only: the one reader of weight and
+    checkpoint files. A file holding Python objects beyond tensors and plain values (which unpickling would
+    run as code) is refused; a truncated or foreign file is one clear error."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's training arguments
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to open {path}: it holds Python objects beyond tensors and plain values, and opening "
+            f"it would run code from the file ({str(err).splitlines()[-1].strip()[:200]}). Use checkpoints written "
+            "by dynamixer's train.py, or load this one only if you trust where it came from."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:  # torch's readers: a cut zip, another format
+        raise CheckpointError(
+            f"{path} cannot be read ({str(err).splitlines()[0][:200]}): it is truncated (a kill or a full disk "
+            "during a write or copy) or not a PyTorch file. Copy it again, or use the run's last.prev.ckpt"
+        ) from None
 
 
 def read_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -31,20 +53,16 @@ def read_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str, tor
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"model.pretrained_file={path} does not exist: give a .ckpt, .pth or .safetensors "
             "file, or a folder written by export.py"
         )
     if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the release's training arguments
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"refused to open {path}: it holds Python objects beyond tensors and plain values, and "
-            "opening it would run code from the file"
-        ) from None
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error types: a cut or foreign file
+            raise CheckpointError(f"{path} cannot be read as safetensors ({err}): copy it again") from None
+    checkpoint = read_file(path)
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     if any(k.startswith(("model.", "ema.module.")) for k in state):  # one of our training checkpoints
         return training_weights(state, weights, path, option="model.pretrained_weights")
@@ -57,17 +75,17 @@ def training_weights(
     """The backbone in the state dict of one of our training checkpoints: its raw (`model.`) or EMA
     (`ema.module.`) weights; `option` is the setting that chose `weights`, named in the errors."""
     if weights not in ("ema", "raw"):
-        raise ValueError(f"{option}={weights} is not known: use {option}=ema or {option}=raw")
+        raise CheckpointError(f"{option}={weights} is not known: use {option}=ema or {option}=raw")
     prefix = "ema.module." if weights == "ema" else "model."
     found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not found:
-        raise ValueError(f"{path} has no EMA weights (trained with module.ema_decay=null): use {option}=raw")
+        raise CheckpointError(f"{path} has no EMA weights (trained with module.ema_decay=null): use {option}=raw")
     return found
 
 
 def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str = "ema") -> list[str]:
     """Load the weights in `path` into `model`; returns the keys left as initialised (a head for another
-    class count). Raises `ValueError` naming what does not fit."""
+    class count). Raises `CheckpointError` naming what does not fit."""
     state = checkpoint_filter_fn(read_weights(path, weights), model)
     expected = model.state_dict()
     head = [k for k in expected if k.startswith("head.")]
@@ -75,7 +93,7 @@ def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # another class count
     mis_shaped = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if any(".generate." in k for k in mis_shaped):
-        raise ValueError(
+        raise CheckpointError(
             f"the weights in {path} were built for another image size than this model's "
             f"{model.img_size[0]}x{model.img_size[1]} (their token-mixing layers are sized by it): "
             "set model.img_size to the size they were trained at"
@@ -83,7 +101,7 @@ def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str
     missing = [k for k in expected if k not in state and k not in head]
     unexpected = [k for k in state if k not in expected]
     if mis_shaped or missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"the weights in {path} are not this model's: "
             f"{len(mis_shaped)} of another shape (e.g. {mis_shaped[:2]}), {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Use the "

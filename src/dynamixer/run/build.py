@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 import lightning as L
@@ -10,15 +12,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dynamixer.errors import ConfigError, UserError
+from dynamixer.errors import ConfigError, DataError, UserError
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.utils.complexity import count_gmacs, count_params
 
 
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, with the errors a config value causes re-raised as user errors:
-    our own clear errors as they are, and a `ValueError` of a constructor (a model that cannot be
-    built from these values) as a `ConfigError` with the same message."""
+    our own clear errors as they are, a `ValueError` of a constructor (a model that cannot be
+    built from these values) as a `ConfigError` with the same message, and a key the constructor does
+    not take (a misspelled `+section.key=...`) as one naming the key and the closest ones it takes."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -27,12 +30,26 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
             raise cause from None
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from cause
+        unknown = isinstance(cause, TypeError) and re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if unknown and OmegaConf.is_config(node) and unknown.group(1) in node:
+            section = node._get_full_key(None)
+            close = difflib.get_close_matches(unknown.group(1), [k for k in node if k != unknown.group(1)], n=3)
+            raise ConfigError(
+                f"{section}.{unknown.group(1)} is not a setting of {node.get('_target_')}"
+                + (f": did you mean {' or '.join(f'{section}.{k}' for k in close)}?" if close else "")
+                + f" Remove +{section}.{unknown.group(1)}=... or correct the key."
+            ) from None
         raise
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
     datamodule = instantiate_checked(cfg.data)
+    if datamodule.num_classes < 2:
+        raise DataError(
+            f"the data has one class ({datamodule.class_names}); a classifier needs two classes or more: keep at "
+            "least two with data.classes=[...] (digits) or point data.data_dir at two class folders or more"
+        )
     model = instantiate_checked(cfg.model, num_classes=datamodule.num_classes, _convert_="all")
     built_for = tuple(getattr(model, "img_size", (datamodule.img_size,) * 2))
     if built_for != (datamodule.img_size,) * 2:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.lit_module import CHECKPOINT_FORMAT
-from dynamixer.models.weights import training_weights
+from dynamixer.models.weights import read_file, training_weights
 from dynamixer.run.stored_config import StoredRun, read_stored_run
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """The content of one of our checkpoint files, on the CPU, read as data only: a file holding any
-    other Python object (which unpickling would run as code) is refused, as is another format."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to open {ckpt_path}: it holds Python objects beyond tensors and plain values, and opening "
-            f"it would run code from the file ({str(err).splitlines()[-1].strip()[:200]}). Use checkpoints written "
-            "by dynamixer's train.py, or load this one only if you trust where it came from."
-        ) from None
+    """The content of one of our training checkpoints, read as data only (`read_file`); another format is
+    refused."""
+    checkpoint = read_file(ckpt_path, mmap=mmap)
     version = checkpoint.get("dynamixer_format") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_FORMAT:
         found = "no format version (a checkpoint of another program, or of dynamixer before format 1)"
@@ -146,19 +138,11 @@ def load_checkpoint(ckpt_path: str) -> tuple[dict[str, Any], StoredRun]:
     return checkpoint, read_stored_run(checkpoint, ckpt_path)
 
 
-def backbone_state(checkpoint: dict[str, Any], weights: str, ckpt_path: str) -> dict[str, torch.Tensor]:
-    """The backbone's state dict in a training checkpoint: its raw (`model.`) or EMA (`ema.module.`) weights."""
-    try:
-        return training_weights(checkpoint["state_dict"], weights, ckpt_path, option="weights")
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
-
-
 def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, StoredRun]:
     """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the checkpoint's
     stored run (model and data settings, class names, eval transform)."""
     checkpoint, stored = load_checkpoint(ckpt_path)
-    state = backbone_state(checkpoint, weights, ckpt_path)
+    state = training_weights(checkpoint["state_dict"], weights, ckpt_path, option="weights")
     model = instantiate(stored.model, num_classes=stored.num_classes, _convert_="all")
     model.load_state_dict(state)
     return model.eval(), stored

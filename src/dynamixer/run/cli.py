@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,3 +67,25 @@ def run_main(main: Callable[[], Any]) -> None:
         main()
     except USER_ERRORS as err:
         _exit_with_message(err)
+    except OSError as err:
+        if not _making_the_run_folder(err):
+            raise
+        _exit_with_message(
+            UserError(
+                f"cannot make the run folder {err.filename} ({err.strerror}): set paths.log_dir (or paths.root_dir, "
+                "or DYNAMIXER_ROOT) to a folder you can write"
+            )
+        )
+
+
+def _making_the_run_folder(err: OSError) -> bool:
+    """Whether `err` is Hydra's failure to make the run's output folder (before any code of ours runs)."""
+    frames = [frame.f_code for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return (
+        err.filename is not None
+        and any(
+            code.co_name == "run_job" and code.co_filename.endswith(os.path.join("hydra", "core", "utils.py"))
+            for code in frames
+        )
+        and frames[-1].co_filename.endswith("pathlib.py")
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data import build_transform, load_rgb
-from dynamixer.errors import CheckpointError, ConfigError, MissingPathError
+from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.run.checkpoints import load_model
 from dynamixer.run.stored_config import StoredRun
@@ -93,7 +94,11 @@ def image_files(inputs: str) -> list[Path]:
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for an image file or every image of a folder (`cfg.inputs`);
-    printed, and written to `<run folder>/predictions.json`."""
+    printed, and written to `<run folder>/predictions.json`. Files that cannot be read are listed there (and
+    on stderr) and the others classified."""
+    for key in ("batch_size", "top_k"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer: give {key}=1 or more")
     model, stored = load_model(cfg.ckpt_path, cfg.weights)
     info = stored.data_info
     transform = build_transform(
@@ -106,10 +111,19 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     files = image_files(cfg.inputs)
     k = min(cfg.top_k, len(info["class_names"]))
-    predictions = []
+    predictions, unreadable = [], []
     for start in range(0, len(files), cfg.batch_size):
-        batch = files[start : start + cfg.batch_size]
-        images = torch.stack([transform(load_rgb(f)) for f in batch])
+        batch, images = [], []
+        for file in files[start : start + cfg.batch_size]:
+            try:
+                images.append(transform(load_rgb(file)))
+                batch.append(file)
+            except DataError as err:
+                unreadable.append({"file": str(file), "error": str(err)})
+                print(f"Error: {err}", file=sys.stderr)
+        if not batch:
+            continue
+        images = torch.stack(images)
         with torch.no_grad():
             probs, classes = model(images).softmax(dim=-1).topk(k, dim=-1)
         for file, p, c in zip(batch, probs.tolist(), classes.tolist()):
@@ -118,7 +132,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             print(f"{file}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top))
     write_results(
         cfg.paths.output_dir,
-        {"checkpoint": str(cfg.ckpt_path), "weights": cfg.weights, "predictions": predictions},
+        {"checkpoint": str(cfg.ckpt_path), "weights": cfg.weights, "predictions": predictions}
+        | {"unreadable": unreadable},
         name="predictions.json",
     )
+    if unreadable:
+        print(f"{len(unreadable)} of {len(files)} files unreadable (listed in predictions.json)", file=sys.stderr)
     return predictions

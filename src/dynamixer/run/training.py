@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
-from dynamixer.run.build import build, model_size
+from dynamixer.errors import ConfigError
+from dynamixer.run.build import build, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_path
 from dynamixer.run.run_folder import claim_run_folder, record_config
 from dynamixer.utils.launch import (
@@ -97,7 +98,22 @@ def _timing(started: float) -> dict[str, Any]:
     return {"started": start, "wall_s": round(time.time() - started, 3)}
 
 
+def check_monitors(callbacks: dict[str, Any], module: Any) -> None:
+    """Every metric a callback monitors is one the module logs (else it fails after the first validation)."""
+    logged = module.validation_metrics()
+    for key, callback in callbacks.items():
+        monitor = getattr(callback, "monitor", None)
+        if monitor is not None and monitor not in logged:
+            hint = " (module.ema_decay=null turns off the EMA and its val/ema_* metrics)" if "ema" in monitor else ""
+            raise ConfigError(
+                f"callbacks.{key}.monitor={monitor} is not a metric this run logs{hint}: use one of "
+                f"{', '.join(logged)}, e.g. callbacks.{key}.monitor=val/acc1"
+            )
+
+
 def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[str, Any]:
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed} is not an integer: give seed=<integer>, e.g. seed=42")
     prepare_ddp_relaunch(slot_overrides)
     check_devices(cfg.trainer)
     ckpt_path = resume_path(cfg)
@@ -107,15 +123,17 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
         record_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    named = {k: instantiate_checked(c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    check_monitors(named, module)
+    callbacks = list(named.values())
     callbacks.append(MetricsHistory())  # results.json is made from it
     if extended:
         callbacks.append(RebuildSchedule(extended))
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
     for logger in trainer.loggers:

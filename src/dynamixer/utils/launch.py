@@ -19,11 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from dynamixer.errors import UserError
-
-
-class HardwareError(UserError, RuntimeError):
-    """The trainer asks for devices this machine does not have."""
+from dynamixer.errors import HardwareError
 
 
 def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
@@ -34,6 +30,8 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
     """
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     devices = trainer_cfg.get("devices", "auto")
+    if devices in (0, "0") or (hasattr(devices, "__len__") and not isinstance(devices, str) and not len(devices)):
+        raise HardwareError(f"trainer.devices={devices} asks for no device: give trainer.devices=1 (or more, or auto)")
     if isinstance(devices, int) and devices > 0:
         wanted = devices
     elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
