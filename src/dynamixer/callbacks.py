@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dynamixer.errors import ConfigError
+from dynamixer.lightning_internals import batches_done, save_unless_saved, saves_every_epoch, stop_after_this_step
 
 
 class StopOnSignal(Callback):
@@ -77,7 +78,7 @@ class StopOnSignal(Callback):
             # a requeue asked of any rank is one for rank 0, which runs `scontrol requeue`
             self.requeue_requested = trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False)
             # Lightning's loops raise SIGTERMException after this step (or validation batch), on every rank
-            trainer._signal_connector.received_sigterm = True
+            stop_after_this_step(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -134,23 +135,18 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         # the last batch of an epoch is saved after the epoch's validation instead (below): resumed from a
         # checkpoint taken before it, Lightning would skip that validation and its metrics
-        if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
+        if batches_done(trainer) < trainer.num_training_batches:
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._every_n_epochs == 0:  # by steps or time: the end of an epoch is saved too
-            self._save_if_new(trainer)
+        if not saves_every_epoch(self):  # by steps or time: the end of an epoch is saved too
+            save_unless_saved(self, trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # by steps or time the last interval can end before training does: the final state is saved too
         super().on_train_end(trainer, pl_module)
-        self._save_if_new(trainer)
-
-    def _save_if_new(self, trainer: L.Trainer) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            trainer.save_checkpoint(self.format_checkpoint_name(self._monitor_candidates(trainer)))
-            self._last_global_step_saved = trainer.global_step
+        save_unless_saved(self, trainer)
 
 
 class RebuildSchedule(Callback):

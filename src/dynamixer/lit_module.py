@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
+from dynamixer.lightning_internals import is_compiled
 from dynamixer.utils.rng import rng_states, set_rng_states
 
 __all__ = ["CHECKPOINT_FORMAT", "ImageClassifier"]
@@ -103,7 +104,7 @@ class ImageClassifier(L.LightningModule):
         fitting = self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING
         # in place (`nn.Module.compile`), unlike `torch.compile(model)`, which would prefix every key
         # with `_orig_mod.`; Lightning calls this hook before wrapping the module for DDP
-        if self.hparams.compile and fitting and self.model._compiled_call_impl is None:
+        if self.hparams.compile and fitting and not is_compiled(self.model):
             self.model.compile(fullgraph=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError
+from dynamixer.lightning_internals import batches_done
 
 
 class InMemoryImages(Dataset):
@@ -147,7 +148,7 @@ class ClassificationDataModule(LightningDataModule, ABC):
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return {}
-        epoch, batches = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch, batches = trainer.current_epoch, batches_done(trainer)
         if batches >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts
             epoch, batches = epoch + 1, 0
         return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "world_size": trainer.world_size}

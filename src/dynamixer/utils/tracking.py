@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from dynamixer.lightning_internals import started_wandb_run
 from dynamixer.sweep import REPLICATE_KEY
 from dynamixer.utils.launch import is_multirun
 
@@ -63,7 +64,7 @@ def configure_wandb(logger_cfg: DictConfig, output_dir: str | os.PathLike) -> No
 def close_loggers(loggers: list) -> None:
     """Finish the W&B runs this job opened, so the next job of a multirun starts its own run."""
     for logger in loggers:
-        experiment = getattr(logger, "_experiment", None)  # WandbLogger's run, if one was started
+        experiment = started_wandb_run(logger)
         if type(logger).__name__ == "WandbLogger" and experiment is not None:
             experiment.finish()
 

@@ -1,0 +1,69 @@
+"""The private state of Lightning (and torch) that dynamixer reads or sets, in one place.
+
+Written for Lightning 2.6 (`pyproject.toml` bounds it to that minor version); `tests/test_lightning_internals.py`
+fails naming the attribute if a release moves one. Why each is needed:
+- the data position (`batch_progress`): exact resume from the middle of an epoch;
+- the stop flag (`_signal_connector.received_sigterm`): stop after this step on every rank at once, through
+  Lightning's own SIGTERM exit (the checkpoint of that step, the loops' clean end);
+- `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
+- a WandbLogger's run only if one was started (reading `.experiment` would start one);
+- whether a module was compiled in place (`nn.Module.compile`).
+The CSV logger that appends to a resumed run's metrics.csv overrides two private hooks (`dynamixer.loggers`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch.nn as nn
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+WRITTEN_FOR = "2.6"
+
+
+def _private(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise RuntimeError(
+                f"Lightning {L.__version__} has no `{path}` (at `{name}`), which dynamixer reads for its stop path and "
+                f"exact resume; it was written for Lightning {WRITTEN_FOR}: install lightning=={WRITTEN_FOR}.*"
+            ) from None
+    return obj
+
+
+def batches_done(trainer: L.Trainer) -> int:
+    """Training batches processed in the current epoch."""
+    return _private(trainer, "fit_loop.epoch_loop.batch_progress.current.processed")
+
+
+def stop_after_this_step(trainer: L.Trainer) -> None:
+    """Make Lightning's loops end after this step (or validation batch) as on SIGTERM: `SIGTERMException`,
+    the checkpoint callbacks' `on_exception`, the loggers closed."""
+    _private(trainer, "_signal_connector.received_sigterm")
+    trainer._signal_connector.received_sigterm = True
+
+
+def saves_every_epoch(callback: ModelCheckpoint) -> bool:
+    """Whether a checkpoint callback saves by epochs (not by steps or time)."""
+    return _private(callback, "_every_n_epochs") != 0
+
+
+def save_unless_saved(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
+    """Save `callback`'s checkpoint of the current step unless it already saved this step."""
+    if _private(callback, "_last_global_step_saved") != trainer.global_step:
+        monitored = _private(callback, "_monitor_candidates")(trainer)
+        trainer.save_checkpoint(callback.format_checkpoint_name(monitored))
+        callback._last_global_step_saved = trainer.global_step
+
+
+def started_wandb_run(logger: Any) -> Any:
+    """A WandbLogger's run if one was started, else None (without starting one)."""
+    return getattr(logger, "_experiment", None)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether `module.compile()` was called (in place: the parameter names stay those of the eager module)."""
+    return _private(module, "_compiled_call_impl") is not None
