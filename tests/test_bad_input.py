@@ -181,10 +181,13 @@ def test_the_script_prints_the_message_alone_and_the_trace_on_request(tmp_path: 
     assert full.returncode != 0 and "Traceback" in full.stderr and "HardwareError" in full.stderr
 
 
-def test_corrupt_jpeg_is_skipped_and_counted_when_asked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_jpeg_is_skipped_and_counted_when_asked(workers: int, tmp_path: Path) -> None:
+    """Counted wherever it was found: in this process or in a loader worker."""
     results = run_train(
         tmp_path,
         *IMAGENET,
+        f"data.num_workers={workers}",
         f"data.data_dir={corrupt_tree(tmp_path)}",
         "data.skip_corrupt=true",
         "trainer.limit_train_batches=4",

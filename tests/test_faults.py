@@ -226,3 +226,59 @@ def test_a_slurm_requeue_signal_checkpoints_the_step_requeues_and_the_job_resume
     finish(start_script("train.py", args, tmp_path, env=env))  # the requeued job: same command, same folder
     assert results(run_dir)["status"] == "finished" and results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH
     assert logged_steps(run_dir) == list(range(2 * STEPS_PER_EPOCH))
+
+
+def start_with_file_size_limit(cwd: Path, limit: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`train.py` in a process that cannot write a file larger than `limit` bytes (RLIMIT_FSIZE): the real
+    event of a disk or quota that fills up in the middle of a checkpoint."""
+    import resource
+
+    from helpers import script_command, script_env
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.Popen(
+        script_command("train.py", [*RUN, *args]),
+        cwd=cwd,
+        env={**script_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=limited,
+    )
+
+
+def test_a_full_disk_during_saves_keeps_the_previous_checkpoint_and_still_requeues(tmp_path: Path) -> None:
+    """A run saved its first epoch; resumed where no file over half a checkpoint can be written: a periodic
+    save fails with one message (exit 2); a stop for a requeue signal cannot save its step, says so in
+    results.json and still requeues the job (stand-in `scontrol`, as in the test above). `last.ckpt` keeps
+    the first epoch's state byte for byte, and no temporary file is left."""
+    finish(start(tmp_path, "trainer.max_epochs=1", "run_name=full"))
+    run_dir = tmp_path / "logs/train/runs/full"
+    checkpoints = run_dir / "checkpoints"
+    saved = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    limit = len(saved["last.ckpt"]) // 2
+    resume = ["trainer.max_epochs=2", "extend=true", "run_name=full", "ckpt_path=auto"]
+
+    out = finish(
+        start_with_file_size_limit(tmp_path, limit, [*resume, "callbacks.last_checkpoint.every_n_train_steps=1"], {}),
+        expect=2,
+    )
+    assert "cannot write the checkpoint" in out and "the previous last.ckpt is intact" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == saved  # nothing torn, nothing left over
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = start_with_file_size_limit(tmp_path, limit, [*resume, "callbacks.stop_on_signal.requeue_on=[SIGUSR2]"], env)
+    wait_for(lambda: logged_steps(run_dir) and max(logged_steps(run_dir)) >= STEPS_PER_EPOCH + 1, proc)
+    proc.send_signal(signal.SIGUSR2)
+    finish(proc, expect=128 + signal.SIGTERM)
+    assert results(run_dir)["status"] == "requeued"
+    assert "cannot write the checkpoint" in results(run_dir)["checkpoint_error"]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == saved

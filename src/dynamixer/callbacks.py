@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Sequence
@@ -12,24 +14,27 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dynamixer.errors import ConfigError
+from dynamixer import signals
+from dynamixer.errors import CheckpointWriteError, ConfigError
 from dynamixer.lightning_internals import batches_done, save_unless_saved, saves_every_epoch, stop_after_this_step
+
+log = logging.getLogger(__name__)
 
 
 class StopOnSignal(Callback):
-    """The one owner of the stop signals while training: SIGTERM, Ctrl-C (SIGINT) and each signal in
-    `requeue_on` stop training after the current optimizer step (or validation batch), with that exact
-    step checkpointed (`ResumableCheckpoint`). A second Ctrl-C interrupts at once.
+    """Acts on the stop signals while training: SIGTERM, Ctrl-C (SIGINT) and each signal in `requeue_on` stop
+    training after the current optimizer step (or validation batch), with that exact step checkpointed
+    (`ResumableCheckpoint`). A second Ctrl-C interrupts at once.
 
-    A handler only notes the request. After every training step and validation batch all ranks decide
-    together (one all-reduce: a signal may reach one rank only) and stop at the same step. Lightning's own
-    SIGTERM handler broadcasts from inside the handler, wherever the rank happens to be; that broadcast
-    can pair with another collective the ranks are in, and DDP runs hung in our tests.
+    SIGTERM and the requeue signals are noted by `dynamixer.signals` for the run's whole life (one that came
+    during start-up stops training after its first step); Ctrl-C is taken over while training runs. After
+    every training step and validation batch all ranks decide together (one all-reduce: a signal may reach
+    one rank only) and stop at the same step; a handler never acts by itself (Lightning's SIGTERM handler
+    broadcast from inside the handler, wherever the rank was, and DDP runs hung in our tests).
 
     `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
     asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
-    which then resumes the checkpoint. Handlers that others installed for these signals (submitit's, which
-    would resubmit without a checkpoint) are replaced while training runs.
+    which then resumes the checkpoint.
     """
 
     def __init__(self, requeue_on: Sequence[str] = ()) -> None:
@@ -41,29 +46,27 @@ class StopOnSignal(Callback):
                 "asks SLURM to send before a time limit), SIGUSR1 or SIGTERM"
             )
         self.requeue_on = [signal.Signals[name] for name in names]
+        not_noted = [s.name for s in self.requeue_on if s not in signals.NOTED]
+        if not_noted:
+            raise ConfigError(
+                f"requeue_on: {not_noted[0]} cannot be a requeue signal: use {', '.join(s.name for s in signals.NOTED)}"
+            )
         self.requeue_requested = False
-        self._stop_requested = False
-        self._previous: dict[signal.Signals, Any] = {}
+        self._interrupted = False
+        self._scope: contextlib.ExitStack | None = None
+        self._previous_sigint: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-
-        def stop(signum: int, frame: Any) -> None:
-            self._stop_requested = True
+        self._scope = contextlib.ExitStack()  # a trainer used on its own: the signals are noted while it trains
+        self._scope.enter_context(signals.noted())
 
         def interrupt(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C interrupts at once
-            self._stop_requested = True
+            signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once
+            self._interrupted = True
 
-        def requeue(signum: int, frame: Any) -> None:
-            self.requeue_requested = True
-            self._stop_requested = True
-
-        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
-        for signum in self.requeue_on:
-            self._previous[signum] = signal.signal(signum, requeue)
+        self._previous_sigint = signal.signal(signal.SIGINT, interrupt)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         self._stop_if_requested(trainer)
@@ -73,18 +76,23 @@ class StopOnSignal(Callback):
             self._stop_if_requested(trainer)
 
     def _stop_if_requested(self, trainer: L.Trainer) -> None:
+        noted = signals.received()
         # every rank is at this same step: a collective here cannot cross another one
-        if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+        if trainer.strategy.reduce_boolean_decision(bool(noted) or self._interrupted, all=False):
+            requeue = any(s in self.requeue_on for s in noted)
             # a requeue asked of any rank is one for rank 0, which runs `scontrol requeue`
-            self.requeue_requested = trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False)
+            self.requeue_requested = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+            signals.acted_on()
             # Lightning's loops raise SIGTERMException after this step (or validation batch), on every rank
             stop_after_this_step(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-        self._previous = {}
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+        if self._scope is not None:
+            scope, self._scope = self._scope, None
+            scope.close()
 
 
 class MetricsHistory(Callback):
@@ -128,9 +136,15 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
         super().__init__(*args, train_time_interval=train_time_interval, **kwargs)
 
+    write_error: str | None = None  # why the save of a stop's step failed (the previous last.ckpt stays)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
+            try:
+                super().on_exception(trainer, pl_module, exception)
+            except CheckpointWriteError as err:  # the stop goes on (and a requeue), from the previous checkpoint
+                self.write_error = str(err)
+                log.error("%s", err)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         # the last batch of an epoch is saved after the epoch's validation instead (below): resumed from a

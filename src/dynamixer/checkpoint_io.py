@@ -11,6 +11,7 @@ the next run removes (`remove_stale_temporaries`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from dynamixer.errors import CheckpointWriteError
+
 TMP_SUFFIX = ".tmp"
+# a write that fails for want of room or permission: the user's to fix, the previous checkpoint intact
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -61,6 +66,37 @@ def _keep_previous(path: Path) -> None:
         os.replace(keep, previous_path(path))
 
 
+class _Writes:
+    """A file object for `torch.save` that keeps the `OSError` of a failed write: torch's zip writer turns
+    it into a `RuntimeError` without its errno ("unexpected pos ..."), and a full disk must be told apart."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(obj: Any, file: Any) -> None:
+    """`torch.save(obj, file)`, flushed and fsynced; a failed write raises its `OSError`."""
+    writes = _Writes(file)
+    try:
+        torch.save(obj, writes)
+        file.flush()
+    except RuntimeError:
+        if writes.error is None:
+            raise
+        raise writes.error from None
+    os.fsync(file.fileno())
+
+
 def _write_unnamed(obj: Any, folder: Path, name: Path, before_naming: Callable[[], None]) -> bool:
     """`torch.save(obj)` into an unnamed file of `folder` that gets the name `name` once complete (and
     `before_naming` has run). False where the file system cannot do that (no `O_TMPFILE`, or no link
@@ -73,9 +109,7 @@ def _write_unnamed(obj: Any, folder: Path, name: Path, before_naming: Callable[[
     except OSError:
         return False
     with os.fdopen(fd, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+        _save(obj, f)
         before_naming()  # so that the name exists only for the instant until it replaces the target
         try:
             # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: Python uses it only with a src_dir_fd
@@ -97,9 +131,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     try:
         if not _write_unnamed(obj, path.parent, tmp, before_naming=lambda: _keep_previous(path)):
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
+                _save(obj, f)
             _keep_previous(path)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
@@ -114,7 +146,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:
+            if err.errno not in _FULL:
+                raise
+            reason = err.strerror
+            kept = f"the previous {Path(path).name} is intact" if Path(path).exists() else "no earlier one exists"
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint {path} ({reason}); {kept}. Free space in its folder (or set "
+                "paths.log_dir to a disk with room), then resume with ckpt_path=auto"
+            ) from None
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)

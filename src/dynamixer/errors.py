@@ -29,3 +29,7 @@ class DataError(UserError, ValueError):
 
 class HardwareError(UserError, RuntimeError):
     """The trainer asks for devices this machine does not have."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only folder); the previous one is intact."""

@@ -99,16 +99,30 @@ class CheckedImageFolder(ImageFolder):
     Items are ``(tensor (3, H, W), label)``, decoded by ``load_rgb``. A file that cannot be decoded raises
     ``DataError`` naming it; with ``skip_corrupt=True`` it is instead warned about,
     recorded in ``corrupt_files`` and replaced by the next readable sample (so a
-    batch may hold a duplicate). ``corrupt_files`` is per process: with
-    ``num_workers > 0`` the files are found in worker processes and only their
-    warnings (printed by the workers) report them.
+    batch may hold a duplicate). ``corrupt_files`` is this process's; each skipped file is also appended to
+    ``corrupt_log`` when given, a line a file, so what loader workers and other ranks find is counted too.
     """
 
-    def __init__(self, root: str, folders: Mapping[str, str], transform: Callable, skip_corrupt: bool) -> None:
+    def __init__(
+        self,
+        root: str,
+        folders: Mapping[str, str],
+        transform: Callable,
+        skip_corrupt: bool,
+        corrupt_log: str | os.PathLike | None = None,
+    ) -> None:
         self._folders = dict(folders)
         super().__init__(root, transform=transform, loader=load_rgb)
         self.skip_corrupt = skip_corrupt
+        self.corrupt_log = corrupt_log
         self.corrupt_files: set[str] = set()
+
+    def _record(self, paths: Collection[str]) -> None:
+        self.corrupt_files.update(paths)
+        if self.corrupt_log is not None and paths:
+            # one short append a line: whole lines, whichever worker or rank writes at the same time
+            with open(self.corrupt_log, "a") as log:
+                log.write("".join(f"{path}\n" for path in paths))
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = list(self._folders)
@@ -124,7 +138,7 @@ class CheckedImageFolder(ImageFolder):
 
     def drop(self, paths: Collection[str]) -> None:
         """Remove ``paths`` from the samples and record them in ``corrupt_files``."""
-        self.corrupt_files.update(path for path, _ in self.samples if path in paths)
+        self._record([path for path, _ in self.samples if path in paths])
         self.samples = self.imgs = [s for s in self.samples if s[0] not in paths]
         self.targets = [target for _, target in self.samples]
 
@@ -139,7 +153,7 @@ class CheckedImageFolder(ImageFolder):
             except DataError as err:
                 if not self.skip_corrupt:
                     raise DataError(f"{err}, or set data.skip_corrupt=true to skip unreadable images") from err
-                self.corrupt_files.add(path)
+                self._record([path])
                 warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
                 continue
             return self.transform(img), target
@@ -166,11 +180,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         data_dir: str,
         skip_corrupt: bool = False,
         verify: bool = False,
+        corrupt_log: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.skip_corrupt = bool(skip_corrupt)
+        self.corrupt_log = corrupt_log
         self.verify = bool(verify)
         if not self.data_dir.is_dir():
             raise DataError(
@@ -195,11 +211,15 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     @property
     def corrupt_files(self) -> list[str]:
-        """Unreadable files skipped so far in this process, or up front by ``verify`` (see ``CheckedImageFolder``)."""
+        """Unreadable files skipped so far: by this process, by ``verify``, and (with ``corrupt_log``) by every
+        loader worker and rank of the run (see ``CheckedImageFolder``)."""
         found = set()
         for ds in (self.train_set, self.val_set):
             if ds is not None:
                 found |= ds.corrupt_files
+        if self.corrupt_log is not None and os.path.isfile(self.corrupt_log):
+            with open(self.corrupt_log) as log:
+                found |= {line.rstrip("\n") for line in log if line.strip()}
         return sorted(found)
 
     @property
@@ -208,7 +228,9 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
         datasets = tuple(
-            CheckedImageFolder(str(self.data_dir / split), self._folders[split], tf, self.skip_corrupt)
+            CheckedImageFolder(
+                str(self.data_dir / split), self._folders[split], tf, self.skip_corrupt, self.corrupt_log
+            )
             for split, tf in zip(SPLITS, (self._train_tf, self._eval_tf))
         )
         if self.verify:

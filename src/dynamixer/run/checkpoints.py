@@ -87,6 +87,7 @@ NOT_TRAINED = (
     "data.pin_memory",
     "data.persistent_workers",
     "data.verify",
+    "data.corrupt_log",
     "model.pretrained_file",
     "model.pretrained_weights",
     "model.grad_checkpointing",

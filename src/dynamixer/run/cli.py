@@ -21,6 +21,7 @@ from typing import Any
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue
 
+from dynamixer import signals
 from dynamixer.errors import UserError
 
 USER_ERRORS = (UserError, ConfigCompositionException, OverrideParseException, MissingMandatoryValue)
@@ -64,7 +65,8 @@ def run_main(main: Callable[[], Any]) -> None:
     # Hydra then re-raises errors of the composition here instead of printing them and exiting with 1
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        main()
+        with signals.noted():  # the stop and requeue signals are ours from here to the end
+            main()
     except USER_ERRORS as err:
         _exit_with_message(err)
     except OSError as err:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from dynamixer import signals
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.errors import ConfigError
@@ -50,6 +52,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
     the schedule's extension when this start extended it."""
     history = next(c.history for c in trainer.callbacks if isinstance(c, MetricsHistory))
     extension = next((c.record for c in trainer.callbacks if isinstance(c, RebuildSchedule)), None)
+    write_error = next((c.write_error for c in trainer.callbacks if getattr(c, "write_error", None)), None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
     best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -61,7 +64,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
         "last_checkpoint": str(last) if last.is_file() else None,
         **size,
-        # images skipped with data.skip_corrupt=true (counted in this process: data.num_workers=0 sees all)
+        # images skipped with data.skip_corrupt=true, by every loader worker and rank (data.corrupt_log)
         "data": {"corrupt_files": sorted(getattr(datamodule, "corrupt_files", []))},
         "epochs": trainer.current_epoch,
         "torch_threads": torch.get_num_threads(),  # of this process: side-by-side jobs share the cores
@@ -69,6 +72,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
         **({"schedule_extended": extension} if extension else {}),
+        **({"checkpoint_error": write_error} if write_error else {}),
     }
 
 
@@ -78,24 +82,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     In a multirun, a failing job writes its error into its own `results.json` and the sweep goes on.
     """
     started = time.time()
-    try:
-        with job_slot(cfg.trainer) as slot_overrides:
-            return _train(cfg, started, slot_overrides)
-    except Exception as err:
-        if not is_multirun():
-            raise
-        log.exception("job failed; the sweep goes on")
-        failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()}
-        write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
-        return {"status": "failed"}
-    finally:
-        release_distributed()
+    with signals.noted():  # from here to the end (or from run_main's start): no signal ends the run mid-way
+        try:
+            with job_slot(cfg.trainer) as slot_overrides:
+                return _train(cfg, started, slot_overrides)
+        except Exception as err:
+            if not is_multirun():
+                raise
+            log.exception("job failed; the sweep goes on")
+            failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()}
+            write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
+            return {"status": "failed"}
+        finally:
+            release_distributed()
 
 
 def _timing(started: float) -> dict[str, Any]:
     """When the job started (UTC) and how long it has run, in seconds."""
     start = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds")
     return {"started": start, "wall_s": round(time.time() - started, 3)}
+
+
+def _end_stopped_run(trainer: L.Trainer, cfg: DictConfig, results: dict[str, Any]) -> NoReturn:
+    """The end of a run that a signal stopped at a saved step (`last.ckpt`): on rank 0, results.json says so
+    and, after a requeue signal, the SLURM job is requeued (results.json then says whether that worked); every
+    rank exits with 143 (128 + SIGTERM)."""
+    step, folder = trainer.global_step, cfg.paths.output_dir
+    requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
+    resume = f"python train.py <same overrides> run_name={cfg.run_name} ckpt_path=auto"
+    if trainer.is_global_zero:
+        write_results(folder, {**results, "status": "requeuing" if requeue else "interrupted"})
+        if requeue:
+            try:
+                requeued = requeue_slurm_job()
+            except (OSError, subprocess.CalledProcessError) as err:
+                write_results(folder, {**results, "status": "requeue_failed", "requeue_error": str(err)})
+                log.error(
+                    "stopped at step %d, but the requeue failed (%s): resubmit; it resumes with %s", step, err, resume
+                )
+            else:
+                write_results(folder, {**results, "status": "requeued" if requeued else "interrupted"})
+                if requeued:
+                    log.warning("stopped at step %d and requeued; the job resumes from last.ckpt", step)
+                else:
+                    log.warning("stopped at step %d; not a SLURM job, nothing to requeue: resume with %s", step, resume)
+        else:
+            log.warning("stopped at step %d; resume with: %s", step, resume)
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def check_monitors(callbacks: dict[str, Any], module: Any) -> None:
@@ -150,20 +183,7 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
             # resumed from a file read as data only (check_resume_config has read it with read_checkpoint)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
-            requeue = any(getattr(c, "requeue_requested", False) for c in trainer.callbacks)
-            status = "requeued" if requeue else "interrupted"
-            if trainer.is_global_zero:
-                results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started), "status": status}
-                write_results(cfg.paths.output_dir, results)
-            if requeue and requeue_slurm_job():
-                log.warning("stopped at step %d and requeued; the job resumes from last.ckpt", trainer.global_step)
-            else:
-                log.warning(
-                    "stopped at step %d; resume with: python train.py <same overrides> run_name=%s ckpt_path=auto",
-                    trainer.global_step,
-                    cfg.run_name,
-                )
-            raise SystemExit(128 + signal.SIGTERM) from None
+            _end_stopped_run(trainer, cfg, {**fit_results(trainer, cfg, size, datamodule), **_timing(started)})
         results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started)}
         if trainer.is_global_zero:
             path = write_results(cfg.paths.output_dir, results)

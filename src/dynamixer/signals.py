@@ -1,0 +1,57 @@
+"""The stop and requeue signals (SIGTERM, SIGUSR1, SIGUSR2), noted by a handler of ours for a run's whole life.
+
+A handler only notes what arrived, so no signal ends a run at a random point (a cluster's warning during
+start-up included). Inside training `dynamixer.callbacks.StopOnSignal` acts on it after the step: that step is
+checkpointed and, for a requeue signal, the job requeued. A signal that training did not act on (it came
+after the last step) ends the process with 128 + its number once the run's results are written. Lightning
+installs its own SIGTERM handler only where none is installed, so ours stays in place throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+NOTED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_received: list[signal.Signals] = []
+_depth = 0
+
+
+def _note(signum: int, frame: Any) -> None:
+    _received.append(signal.Signals(signum))
+
+
+def received() -> list[signal.Signals]:
+    """The noted signals no one has acted on yet, oldest first."""
+    return list(_received)
+
+
+def acted_on() -> None:
+    """The noted signals are handled (a stop at a saved step): forget them."""
+    _received.clear()
+
+
+@contextlib.contextmanager
+def noted() -> Iterator[None]:
+    """Note the stop and requeue signals while the block runs (the outermost block installs the handlers and
+    puts the previous ones back); a signal still unhandled at its end exits with 128 + its number."""
+    global _depth
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
+        return
+    previous = {s: signal.signal(s, _note) for s in NOTED} if _depth == 0 else {}
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        pending = received() if _depth == 0 else []
+        if _depth == 0:
+            acted_on()
+    if pending:  # reached only when the block ended without an exception of its own
+        raise SystemExit(128 + pending[0])

@@ -1,0 +1,71 @@
+"""The stop and requeue signals are ours for a run's whole life: one during start-up stops training at its
+first step with a checkpoint instead of killing the process; one after training ends the process once the
+results are written; Lightning's own SIGTERM handler is never put in place of ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dynamixer import signals
+from dynamixer.callbacks import StopOnSignal
+from dynamixer.run.run_folder import CLAIM
+from helpers import QUIET_TRAIN, finish, read_checkpoint, run_dir, start_script, wait_for
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_after_training_sigterm_is_still_ours_and_ends_the_process(tmp_path: Path) -> None:
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, signals.noted():
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+            callbacks=[StopOnSignal()],
+        )
+        trainer.fit(Tiny(), data)
+        assert signal.getsignal(signal.SIGTERM) is signals._note  # not Lightning's, put back by its teardown
+        os.kill(os.getpid(), signal.SIGTERM)  # after training: noted, and acted on when the run ends
+        assert signals.received() == [signal.SIGTERM]
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before and signals.received() == []
+
+
+@pytest.mark.slow
+def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """A cluster's warning (SIGUSR2) that comes while the run is still starting (its folder claimed, the data
+    and model not yet built): the process is not killed by it; training stops after its first step, saved."""
+    args = [*QUIET_TRAIN, "run_name=early", "trainer.max_epochs=3", "callbacks.stop_on_signal.requeue_on=[SIGUSR2]"]
+    proc = start_script("train.py", args, tmp_path)
+    folder = run_dir(tmp_path, "early")
+    wait_for(lambda: (folder / CLAIM).exists(), proc)
+    assert not (folder / "checkpoints").exists()  # still starting
+    proc.send_signal(signal.SIGUSR2)
+    out = finish(proc, expect=128 + signal.SIGTERM)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["global_step"] == 1, out[-2000:]  # not a SLURM job
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 1
+    assert "not a SLURM job" in out
