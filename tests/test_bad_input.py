@@ -7,6 +7,7 @@ traceback, exit status 2, and name the value and the fix. Bugs keep their traceb
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,9 +32,10 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     return tmp_path / "ckpt" / "run" / "checkpoints" / "last.ckpt"
 
 
-def corrupt_tree(tmp_path: Path) -> Path:
+def corrupt_tree(tmp_path: Path, index: int = 0) -> Path:
+    """Two classes of 4 train and 4 val images; the train image `n02_000<index>.JPEG` cut to a third."""
     root = write_image_tree(tmp_path / "data", ["n01", "n02"], train_per_class=4, val_per_class=4)
-    bad = root / "train" / "n02" / "n02_0000.JPEG"
+    bad = root / "train" / "n02" / f"n02_{index:04d}.JPEG"
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 3])
     return root
 
@@ -203,3 +205,39 @@ def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: P
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the tree's 48x40 images are over twice that
     message = user_error("train.py", [*QUIET, *IMAGENET, f"data.data_dir={root}"], tmp_path)
     assert "MAX_IMAGE_PIXELS" in message and "skip_corrupt" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verify", [True, False])
+def test_under_ddp_a_bad_image_ends_every_rank_with_its_message(verify: bool, tmp_path: Path) -> None:
+    """Two CPU ranks. With data.verify=true each rank decodes its share and all stop together with one list of
+    what any rank found (exit 2; the file is the 6th of the list, in rank 1's share, and rank 0 reports it);
+    without it, the rank whose batch holds the file fails and the other rank is ended with it instead of
+    waiting at the next collective forever."""
+    root = corrupt_tree(tmp_path, index=1)
+    args = [*QUIET, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", f"data.verify={verify}"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, "run_name=ddp"],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "n02_0001.JPEG" in proc.stderr and "cannot" in proc.stderr, proc.stderr[-3000:]
+    if verify:
+        assert proc.returncode == 2 and "1 of 16 images" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0
+
+
+@pytest.mark.slow
+def test_under_ddp_verify_drops_the_same_files_on_every_rank(tmp_path: Path) -> None:
+    from helpers import run_script
+
+    root = corrupt_tree(tmp_path)
+    args = [*QUIET, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", "data.verify=true"]
+    run_script("train.py", [*args, "data.skip_corrupt=true", "run_name=ddp"], tmp_path)
+    results = json.loads((tmp_path / "logs/train/runs/ddp/results.json").read_text())
+    assert results["status"] == "finished"
+    assert results["data"]["corrupt_files"] == [str(root / "train" / "n02" / "n02_0000.JPEG")]

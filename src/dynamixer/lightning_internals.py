@@ -7,7 +7,8 @@ fails naming the attribute if a release moves one. Why each is needed:
   Lightning's own SIGTERM exit (the checkpoint of that step, the loops' clean end);
 - `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
 - a WandbLogger's run only if one was started (reading `.experiment` would start one);
-- whether a module was compiled in place (`nn.Module.compile`).
+- whether a module was compiled in place (`nn.Module.compile`);
+- the rank processes Lightning started, to end them when this one fails (they would wait for it forever).
 The CSV logger that appends to a resumed run's metrics.csv overrides two private hooks (`dynamixer.loggers`).
 """
 
@@ -57,6 +58,11 @@ def save_unless_saved(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
         monitored = _private(callback, "_monitor_candidates")(trainer)
         trainer.save_checkpoint(callback.format_checkpoint_name(monitored))
         callback._last_global_step_saved = trainer.global_step
+
+
+def launched_ranks(trainer: L.Trainer) -> list[Any]:
+    """The rank processes this process started (Lightning's DDP re-launch of the script), if any."""
+    return list(getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or [])
 
 
 def started_wandb_run(logger: Any) -> Any:

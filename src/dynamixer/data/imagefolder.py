@@ -239,9 +239,19 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _verify(self, datasets: tuple[CheckedImageFolder, ...]) -> None:
         paths = [path for ds in datasets for path, _ in ds.samples]
-        chunks = [paths[i : i + _VERIFY_CHUNK] for i in range(0, len(paths), _VERIFY_CHUNK)]
+        # under DDP each rank decodes its share and all learn what every rank found: the ranks drop the same
+        # files (their samplers need the same data set) or stop together with the same message
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        share = paths[rank::world]
+        chunks = [share[i : i + _VERIFY_CHUNK] for i in range(0, len(share), _VERIFY_CHUNK)]
         with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
-            bad = dict(item for found in pool.map(_unreadable, chunks) for item in found)
+            found = [item for items in pool.map(_unreadable, chunks) for item in items]
+        if distributed:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, found)
+            found = [item for items in gathered for item in items]
+        bad = dict(sorted(found))
         if not bad:
             return
         if not self.skip_corrupt:

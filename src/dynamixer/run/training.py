@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ from dynamixer import signals
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.errors import ConfigError
+from dynamixer.lightning_internals import launched_ranks
 from dynamixer.run.build import build, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_path
 from dynamixer.run.run_folder import claim_run_folder, record_config
@@ -38,6 +40,7 @@ from dynamixer.utils.results import write_results
 from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_config
 
 log = logging.getLogger(__name__)
+RESUME_FROM = "DYNAMIXER_RESUME_FROM"  # the checkpoint rank 0 resumes, for the ranks it starts
 # the EMA copy of the model is meant to stay in eval mode while the raw model trains
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
@@ -94,6 +97,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
             return {"status": "failed"}
         finally:
+            os.environ.pop(RESUME_FROM, None)
             release_distributed()
 
 
@@ -149,7 +153,11 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
         raise ConfigError(f"seed={cfg.seed} is not an integer: give seed=<integer>, e.g. seed=42")
     prepare_ddp_relaunch(slot_overrides)
     check_devices(cfg.trainer)
-    ckpt_path = resume_path(cfg)
+    # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
+    # could be another: a save or a copy in between)
+    ckpt_path = resume_path(cfg) if is_first_process() or RESUME_FROM not in os.environ else os.environ[RESUME_FROM]
+    ckpt_path = ckpt_path or None
+    os.environ[RESUME_FROM] = ckpt_path or ""
     extended = check_resume_config(ckpt_path, cfg) if ckpt_path else None
     if is_first_process():
         claim_run_folder(cfg, resuming=ckpt_path is not None or cfg.get("ckpt_path") == "auto")
@@ -184,6 +192,11 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             _end_stopped_run(trainer, cfg, {**fit_results(trainer, cfg, size, datamodule), **_timing(started)})
+        except BaseException:
+            # an error of this rank alone: the ranks it started would wait for it at the next collective
+            for rank in launched_ranks(trainer):
+                rank.kill()
+            raise
         results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started)}
         if trainer.is_global_zero:
             path = write_results(cfg.paths.output_dir, results)
