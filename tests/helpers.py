@@ -211,3 +211,31 @@ def files_state(root: str | os.PathLike, skip: str | os.PathLike | None = None) 
             with open(path, "rb") as f:
                 found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, f.read(64))
     return found
+
+
+def tiny_module():
+    """A LightningModule of one linear layer on `(B, 4)` inputs and 2 classes: Lightning's loops, nothing else."""
+    import lightning as L
+    import torch
+    import torch.nn as nn
+
+    class TinyModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return TinyModule()
+
+
+def cpu_trainer(root: str | os.PathLike, callbacks: Sequence[Any] = (), **kwargs: Any):
+    """A quiet one-process CPU `Trainer` writing under `root` (no logger, no progress bar or summary)."""
+    import lightning as L
+
+    kwargs = {"max_epochs": 1, "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
+    return L.Trainer(accelerator="cpu", devices=1, default_root_dir=root, callbacks=list(callbacks), **kwargs)

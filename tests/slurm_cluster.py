@@ -1,5 +1,6 @@
 """A throwaway one-machine SLURM cluster for the tests: munged, MariaDB, slurmdbd, slurmctld and two nodes.
 
+    python tests/slurm_cluster.py install          # apt-get the packages where missing (what .ci/run does)
     python tests/slurm_cluster.py start <folder>   # prints the environment a client command needs
     python tests/slurm_cluster.py stop <folder>
 
@@ -462,9 +463,14 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("action", choices=["install", "start", "stop"])
+    parser.add_argument("folder", type=Path, nargs="?")
     args = parser.parse_args(argv)
+    if args.action == "install":
+        install_packages()
+        return
+    if args.folder is None:
+        parser.error(f"{args.action} needs the cluster's folder")
     cluster = SlurmCluster(args.folder)
     if args.action == "stop":
         cluster.stop()

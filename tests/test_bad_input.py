@@ -241,3 +241,24 @@ def test_under_ddp_verify_drops_the_same_files_on_every_rank(tmp_path: Path) -> 
     results = json.loads((tmp_path / "logs/train/runs/ddp/results.json").read_text())
     assert results["status"] == "finished"
     assert results["data"]["corrupt_files"] == [str(root / "train" / "n02" / "n02_0000.JPEG")]
+
+
+@pytest.mark.slow
+def test_under_ddp_ranks_that_list_different_data_stop_together(tmp_path: Path) -> None:
+    """Each rank lists the data itself; here rank 1 is given another tree (its LOCAL_RANK picks the folder),
+    as when files change between the listings: every rank stops with the one message, before any step."""
+    small = write_image_tree(tmp_path / "d0", ["n01", "n02"], train_per_class=4)
+    large = write_image_tree(tmp_path / "d1", ["n01", "n02"], train_per_class=5)
+    data_dir = "data.data_dir='${oc.env:DATA_${oc.env:LOCAL_RANK,0}}'"  # quoted: resolved in each rank
+    args = [*QUIET, *IMAGENET, data_dir, "hardware=cpu", "trainer.devices=2", "run_name=ddp"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env={**script_env(), "DATA_0": str(small), "DATA_1": str(large)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "rank 0: 8 train / 4 val, rank 1: 10 train / 4 val" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,18 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dynamixer import lightning_internals as internals
 from dynamixer.callbacks import ResumableCheckpoint
-
-
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+from helpers import cpu_trainer, tiny_module
 
 
 class Record(Callback):
@@ -52,18 +41,10 @@ def test_the_data_position_the_stop_flag_and_the_save_bookkeeping_behave_as_read
     by_steps = ResumableCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=3, save_on_exception=True)
     by_epochs = ResumableCheckpoint(dirpath=tmp_path / "e", filename="last")
     record = Record()
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record, by_steps, by_epochs],
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, [record, by_steps, by_epochs], max_epochs=3)
     assert not internals.saves_every_epoch(by_steps) and internals.saves_every_epoch(by_epochs)
     with pytest.raises(SIGTERMException):  # the stop flag ends the loop after step 5, through SIGTERM's path
-        trainer.fit(Tiny(), DataLoader(data, batch_size=8))
+        trainer.fit(tiny_module(), DataLoader(data, batch_size=8))
     assert record.done == [1, 2, 3, 4, 1]  # batches of the current epoch (4 an epoch), after each step
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5  # saved at the stop

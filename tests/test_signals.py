@@ -12,41 +12,27 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dynamixer import signals
 from dynamixer.callbacks import StopOnSignal
 from dynamixer.run.run_folder import CLAIM
-from helpers import QUIET_TRAIN, finish, read_checkpoint, run_dir, start_script, wait_for
-
-
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+from helpers import QUIET_TRAIN, cpu_trainer, finish, read_checkpoint, run_dir, start_script, tiny_module, wait_for
 
 
 def test_after_training_sigterm_is_still_ours_and_ends_the_process(tmp_path: Path) -> None:
     data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped, signals.noted():
-        trainer = L.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            default_root_dir=tmp_path,
-            callbacks=[StopOnSignal()],
-        )
-        trainer.fit(Tiny(), data)
+        seen = []
+
+        class Handler(L.Callback):
+            def on_train_batch_end(self, *args) -> None:
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        trainer = cpu_trainer(tmp_path, [StopOnSignal(), Handler()], enable_checkpointing=False)
+        trainer.fit(tiny_module(), data)
+        assert seen and all(h is signals._note for h in seen)  # while training: ours, not Lightning's wrapper
         assert signal.getsignal(signal.SIGTERM) is signals._note  # not Lightning's, put back by its teardown
         os.kill(os.getpid(), signal.SIGTERM)  # after training: noted, and acted on when the run ends
         assert signals.received() == [signal.SIGTERM]
@@ -69,3 +55,26 @@ def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpo
     assert results["status"] == "interrupted" and results["global_step"] == 1, out[-2000:]  # not a SLURM job
     assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 1
     assert "not a SLURM job" in out
+
+
+@pytest.mark.slow
+def test_a_requeue_that_fails_is_what_results_json_says(tmp_path: Path) -> None:
+    """`scontrol requeue` exits 1 (a stand-in that fails, on PATH, in a job's environment): results.json says
+    `requeue_failed` with the error, never `requeued`, and the output names how to resume."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    args = [*QUIET_TRAIN, "run_name=denied", "trainer.max_epochs=3", "callbacks.stop_on_signal.requeue_on=[SIGUSR2]"]
+    proc = start_script("train.py", args, tmp_path, env=env)
+    folder = run_dir(tmp_path, "denied")
+    wait_for(lambda: (folder / CLAIM).exists(), proc)
+    proc.send_signal(signal.SIGUSR2)
+    out = finish(proc, expect=128 + signal.SIGTERM)
+    results = json.loads((folder / "results.json").read_text())
+    assert (
+        results["status"] == "requeue_failed"
+        and "exited with 1: slurm_requeue error: Access/permission denied" in results["requeue_error"]
+    )
+    assert "the requeue failed" in out and "ckpt_path=auto" in out

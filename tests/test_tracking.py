@@ -96,6 +96,7 @@ def test_wandb_run_offline_holds_config_and_metrics(
     with open_dict(cfg):
         cfg.ckpt_path = "auto"
         cfg.trainer.max_epochs = 3
+        cfg.extend = True  # a longer run: the schedule is rebuilt for it
     seen.clear()
     resumed = train(cfg)
     assert resumed["epochs"] == 3 and seen["id"] == first_id and seen["summary"]["epoch"] == 2

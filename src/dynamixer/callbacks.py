@@ -27,7 +27,8 @@ class StopOnSignal(Callback):
     (`ResumableCheckpoint`). A second Ctrl-C interrupts at once.
 
     SIGTERM and the requeue signals are noted by `dynamixer.signals` for the run's whole life (one that came
-    during start-up stops training after its first step); Ctrl-C is taken over while training runs. After
+    during start-up stops training after its first step; Lightning's SIGTERM handler is replaced as training
+    starts); Ctrl-C is taken over while training runs. After
     every training step and validation batch all ranks decide together (one all-reduce: a signal may reach
     one rank only) and stop at the same step; a handler never acts by itself (Lightning's SIGTERM handler
     broadcast from inside the handler, wherever the rank was, and DDP runs hung in our tests).
@@ -61,6 +62,7 @@ class StopOnSignal(Callback):
             return  # signal handlers can only be set from the main thread
         self._scope = contextlib.ExitStack()  # a trainer used on its own: the signals are noted while it trains
         self._scope.enter_context(signals.noted())
+        signals.take_back()  # from Lightning's SIGTERM handler, installed as fit started
 
         def interrupt(signum: int, frame: Any) -> None:
             signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once

@@ -4,7 +4,8 @@ A handler only notes what arrived, so no signal ends a run at a random point (a 
 start-up included). Inside training `dynamixer.callbacks.StopOnSignal` acts on it after the step: that step is
 checkpointed and, for a requeue signal, the job requeued. A signal that training did not act on (it came
 after the last step) ends the process with 128 + its number once the run's results are written. Lightning
-installs its own SIGTERM handler only where none is installed, so ours stays in place throughout.
+wraps SIGTERM in a handler of its own at the start of `fit` (it broadcasts from inside the handler, which can
+cross a collective the ranks are in); `take_back` puts ours in its place as training starts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def received() -> list[signal.Signals]:
 def acted_on() -> None:
     """The noted signals are handled (a stop at a saved step): forget them."""
     _received.clear()
+
+
+def take_back() -> None:
+    """Inside a `noted` block: our handler again for each signal, in place of what others installed since."""
+    if _depth > 0 and threading.current_thread() is threading.main_thread():
+        for signum in NOTED:
+            signal.signal(signum, _note)
 
 
 @contextlib.contextmanager

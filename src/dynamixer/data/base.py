@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -107,6 +108,25 @@ class ClassificationDataModule(LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set = self._build_datasets()
+            self._check_same_on_every_rank()
+
+    def _check_same_on_every_rank(self) -> None:
+        """Under DDP every rank listed the data itself: all compare what they found and stop together, with
+        one message, if any rank sees another data set (a file system that changed between the listings)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        listing = [self.class_names, len(self.train_set), len(self.val_set)]
+        for dataset in (self.train_set, self.val_set):
+            listing.append([path for path, _ in getattr(dataset, "samples", [])])
+        digest = hashlib.sha256(repr(listing).encode()).hexdigest()
+        found: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, (digest, len(self.train_set), len(self.val_set)))
+        if len({d for d, _, _ in found}) > 1:
+            sizes = ", ".join(f"rank {r}: {t} train / {v} val" for r, (_, t, v) in enumerate(found))
+            raise DataError(
+                f"the ranks listed different data sets ({sizes}): the data changed while the run started, or the "
+                "ranks see different copies. Give every rank the same data (data.data_dir) and start again"
+            )
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
