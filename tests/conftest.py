@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from slurm_cluster import SlurmCluster, install_packages, why_unavailable
 
 from helpers import entry_point, write_image_tree
 
@@ -82,3 +84,25 @@ def connections() -> Iterator[ConnectionCounter]:
     counter = ConnectionCounter()
     yield counter
     counter.server.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One SLURM cluster (tests/slurm_cluster.py) for the session, shared by every test module; skipped, with
+    the reason, where it cannot start (a failure under CI=true)."""
+
+    def unavailable(reason: str) -> None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the SLURM test cluster cannot start: {reason}")
+        pytest.skip(f"the SLURM test cluster cannot start: {reason}")
+
+    if reason := why_unavailable():
+        unavailable(reason)
+    try:
+        install_packages()
+    except RuntimeError as error:
+        unavailable(str(error))
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -195,39 +195,6 @@ def test_a_diverged_run_stops_at_once_with_the_step_and_keeps_the_last_finite_ch
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-def test_a_slurm_requeue_signal_checkpoints_the_step_requeues_and_the_job_resumes(tmp_path: Path) -> None:
-    """Simulated SLURM: the job's environment variables, a stand-in `scontrol` that records its call, and
-    the signal submitit asks SLURM to send before a time limit (SIGUSR2). The requeued job is the same
-    command again, as SLURM runs it; `ckpt_path=auto` is what hardware=slurm sets."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    args = [
-        *RUN,
-        "trainer.max_epochs=2",
-        "run_name=slurm",
-        "ckpt_path=auto",
-        "callbacks.stop_on_signal.requeue_on=[SIGUSR2]",
-    ]
-    run_dir = tmp_path / "logs/train/runs/slurm"
-
-    proc = start_script("train.py", args, tmp_path, env=env)
-    wait_for(lambda: saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH, proc)
-    wait_for(lambda: logged_steps(run_dir) and max(logged_steps(run_dir)) >= STEPS_PER_EPOCH + 1, proc)
-    proc.send_signal(signal.SIGUSR2)
-    finish(proc, expect=128 + signal.SIGTERM)
-    stopped = saved_step(run_dir / "checkpoints" / "last.ckpt")
-    assert STEPS_PER_EPOCH < stopped < 2 * STEPS_PER_EPOCH  # the exact step of the signal
-    assert results(run_dir)["status"] == "requeued"
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-
-    finish(start_script("train.py", args, tmp_path, env=env))  # the requeued job: same command, same folder
-    assert results(run_dir)["status"] == "finished" and results(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH
-    assert logged_steps(run_dir) == list(range(2 * STEPS_PER_EPOCH))
-
-
 def start_with_file_size_limit(cwd: Path, limit: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """`train.py` in a process that cannot write a file larger than `limit` bytes (RLIMIT_FSIZE): the real
     event of a disk or quota that fills up in the middle of a checkpoint."""

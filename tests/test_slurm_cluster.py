@@ -1,37 +1,15 @@
-"""Smoke tests of the one-machine SLURM cluster of the tests (tests/slurm_cluster.py)."""
+"""Smoke tests of the one-machine SLURM cluster of the tests (tests/slurm_cluster.py; the `slurm_cluster`
+fixture is in conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, install_packages, why_unavailable
+from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """One cluster for the session; skipped, with the reason, where it cannot start (a failure under CI=true)."""
-
-    def unavailable(reason: str) -> None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the SLURM test cluster cannot start: {reason}")
-        pytest.skip(f"the SLURM test cluster cannot start: {reason}")
-
-    if reason := why_unavailable():
-        unavailable(reason)
-    try:
-        install_packages()
-    except RuntimeError as error:
-        unavailable(str(error))
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
 
 
 def test_both_nodes_are_idle(slurm_cluster: SlurmCluster) -> None:

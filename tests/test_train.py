@@ -147,7 +147,7 @@ def test_help_lists_the_config_groups(tmp_path):
         ("model", "dynamixer_l, dynamixer_m, dynamixer_s, dynamixer_tiny"),
         ("data", "cifar, digits, imagenet"),
         ("optimizer", "adamw, sgd"),
-        ("hardware", "cpu, default, gpu, gpu8_ddp, slurm"),
+        ("hardware", "cpu, default, gpu, gpu8_ddp, slurm, slurm_cpu"),
     ):
         assert re.search(rf"^{group}: {options}$", out, re.MULTILINE), f"--help does not list {group}: {options}"
     assert not (tmp_path / "logs").exists(), "--help started a run"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import time
 import warnings
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from dynamixer.run.build import build, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_path
 from dynamixer.run.run_folder import claim_run_folder, record_config
 from dynamixer.utils.launch import (
+    RequeueLimitReached,
     check_devices,
     is_first_process,
     is_multirun,
@@ -35,6 +35,7 @@ from dynamixer.utils.launch import (
     prepare_ddp_relaunch,
     release_distributed,
     requeue_slurm_job,
+    slurm_restarts,
 )
 from dynamixer.utils.results import write_results
 from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_config
@@ -74,6 +75,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "global_step": trainer.global_step,
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
+        **({"restarts": slurm_restarts()} if "SLURM_JOB_ID" in os.environ else {}),  # SLURM's requeues of the job
         **({"schedule_extended": extension} if extension else {}),
         **({"checkpoint_error": write_error} if write_error else {}),
     }
@@ -119,8 +121,9 @@ def _end_stopped_run(trainer: L.Trainer, cfg: DictConfig, results: dict[str, Any
         if requeue:
             try:
                 requeued = requeue_slurm_job()
-            except (OSError, subprocess.CalledProcessError) as err:
-                write_results(folder, {**results, "status": "requeue_failed", "requeue_error": str(err)})
+            except OSError as err:  # no scontrol, it refused, or hydra.launcher.max_num_timeout is reached
+                failed = "requeue_limit" if isinstance(err, RequeueLimitReached) else "requeue_failed"
+                write_results(folder, {**results, "status": failed, "requeue_error": str(err)})
                 log.error(
                     "stopped at step %d, but the requeue failed (%s): resubmit; it resumes with %s", step, err, resume
                 )

@@ -161,6 +161,24 @@ def release_distributed() -> None:
             os.environ.pop(name, None)
 
 
+class RequeueLimitReached(OSError):
+    """The job has been requeued `hydra.launcher.max_num_timeout` times already: it is not requeued again."""
+
+
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued this job, for any reason (SLURM_RESTART_COUNT; 0 on a first run)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def requeue_limit() -> int | None:
+    """`hydra.launcher.max_num_timeout` of this job (submitit's launcher): the most requeues; None without one.
+    We requeue the job ourselves, so submitit's own count never runs: this is the one that does."""
+    if not HydraConfig.initialized():
+        return None
+    limit = HydraConfig.get().launcher.get("max_num_timeout")
+    return None if limit is None else int(limit)
+
+
 def requeue_slurm_job() -> bool:
     """Requeue this SLURM job (`scontrol requeue $SLURM_JOB_ID`), from rank 0 of a SLURM job only; True if
     it was asked for. The requeued job runs the same command again."""
@@ -172,5 +190,13 @@ def requeue_slurm_job() -> bool:
     )
     if not job_id or os.environ.get("SLURM_PROCID", "0") != "0":
         return False
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    limit = requeue_limit()
+    if limit is not None and slurm_restarts() >= limit:
+        raise RequeueLimitReached(
+            f"job {job_id} has been requeued {slurm_restarts()} times, hydra.launcher.max_num_timeout={limit}: "
+            "not requeued again"
+        )
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if proc.returncode:
+        raise OSError(f"scontrol requeue {job_id} exited with {proc.returncode}: {proc.stderr.strip()}")
     return True

@@ -1,0 +1,305 @@
+"""Training on a real SLURM cluster (tests/slurm_cluster.py: two nodes of one CPU, slurm 22.05) through the
+path a user takes: `python train.py -m hardware=slurm_cpu ...`, Hydra's submitit launcher submitting the job and
+waiting for it, the job stopping at a warning, checkpointing, requeuing itself and resuming.
+
+The warning SLURM sends before a time limit (`--signal=USR2@<signal_delay_s>`, which submitit asks for) goes to
+the job's step processes; `scancel --signal=USR2 <job>` sends that same signal to the same processes, at once
+(slurmctld checks `--signal` only every 30 s, so waiting for it would make the moment random).
+
+The test cluster's node names (n1, n2) do not resolve: `MASTER_ADDR=127.0.0.1` in the job's environment gives
+DDP its rendezvous address (on a real cluster Lightning takes the first node's name from SLURM_NODELIST).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from slurm_cluster import SlurmCluster
+
+from helpers import read_checkpoint, start_script
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS_PER_EPOCH = 20
+EPOCHS = 3
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+# one CPU per job (both jobs of a comparison: the same thread count), ~0.15 s a step, every step logged
+RUN = [
+    "hardware=slurm_cpu",
+    "hardware.nodes=1",
+    "hardware.cpus_per_task=1",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.timeout_min=10",
+    "hydra.launcher.signal_delay_s=30",
+    "model.img_size=32",
+    f"trainer.max_epochs={EPOCHS}",
+    f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.deterministic=true",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "data.num_workers=0",
+    "hydra.sweep.subdir=${hydra.job.num}",  # job folder `0`: these overrides would name one over 255 characters
+]
+
+
+class Sweep:
+    """One `python train.py -m <RUN> run_name=<name> ...` started in `cwd`: the launcher process, and its job."""
+
+    def __init__(self, cluster: SlurmCluster, cwd: Path, name: str, *overrides: str) -> None:
+        self.cluster, self.folder = cluster, cwd / "logs" / "train" / "multiruns" / name
+        env = {**cluster.env, "MASTER_ADDR": "127.0.0.1"}
+        self.started = time.monotonic()
+        self.proc = start_script("train.py", ["-m", *RUN, f"run_name={name}", *overrides], cwd, env=env)
+
+    @property
+    def job_id(self) -> str | None:
+        ids = [p.name for p in (self.folder / ".submitit").glob("*") if p.name.isdigit()]
+        return ids[0] if ids else None
+
+    @property
+    def job_dir(self) -> Path:
+        return self.folder / "0"
+
+    def state(self) -> str:
+        if self.job_id is None:
+            return ""
+        return self.cluster.run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], check=False).stdout.strip()
+
+    def wait_for(self, what: str, predicate, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"the launcher ended while waiting for {what}:\n{self.output()}"
+            assert time.monotonic() < end, f"no {what} in {timeout:.0f} s:\n{self.job_log()}"
+            time.sleep(0.2)
+
+    def steps(self) -> list[int]:
+        """The steps whose training loss metrics.csv holds, in the order they were written."""
+        try:
+            path = self.job_dir / "csv" / "metrics.csv"
+            with path.open() as f:
+                return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
+        except (OSError, StopIteration, ValueError):
+            return []
+
+    def finish(self, timeout: float = 300) -> str:
+        out = self.output(timeout)
+        assert self.proc.returncode == 0, out[-4000:] + self.job_log()
+        return out
+
+    def output(self, timeout: float = 300) -> str:
+        if not hasattr(self, "_out"):
+            self._out = self.proc.communicate(timeout=timeout)[0]
+            self.wall_s = time.monotonic() - self.started
+        return self._out
+
+    def job_log(self) -> str:
+        logs = sorted((self.folder / ".submitit").glob("*/*_log.*"))
+        return "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+
+    def results(self) -> dict:
+        return json.loads((self.job_dir / "results.json").read_text())
+
+    def restarts(self) -> int:
+        """SLURM's restart count of the job (`scontrol show job`: finished jobs stay MinJobAge=300 s)."""
+        text = self.cluster.run(["scontrol", "show", "job", self.job_id]).stdout
+        return int(re.search(r"Restarts=(\d+)", text).group(1))
+
+    def accounting(self) -> list[str]:
+        """The job's states in sacct, its requeued runs included (-D)."""
+        cmd = ["sacct", "-D", "-X", "-n", "-P", "-j", self.job_id, "-o", "State"]
+        return self.cluster.run(cmd).stdout.split()
+
+
+def signal_job(cluster: SlurmCluster, job_id: str) -> None:
+    """SIGUSR2 to the job's step processes: what SLURM's `--signal=USR2@T` (submitit's) sends before a time limit."""
+    cluster.run(["scancel", "--signal=USR2", job_id])
+
+
+def final_state(job_dir: Path) -> dict[str, torch.Tensor]:
+    """Raw weights, EMA weights and optimizer state of a job's last.ckpt, flattened to named tensors."""
+    ckpt = read_checkpoint(job_dir / "checkpoints" / "last.ckpt")
+    tensors = {f"state_dict/{k}": v for k, v in ckpt["state_dict"].items()}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    walk("optimizer_states", ckpt["optimizer_states"])
+    return tensors
+
+
+def _status(sweep: Sweep) -> str | None:
+    try:
+        return sweep.results()["status"]
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def assert_finished_whole(sweep: Sweep) -> dict:
+    results = sweep.results()
+    assert results["status"] == "finished" and results["global_step"] == TOTAL, results
+    assert results["torch_threads"] == 1
+    assert sorted(sweep.steps()) == list(range(TOTAL)), sweep.steps()  # every step, once
+    return results
+
+
+def test_a_time_limit_warning_checkpoints_requeues_and_ends_as_an_uninterrupted_job(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    straight = Sweep(slurm_cluster, tmp_path, "straight")
+    straight.finish()
+    assert_finished_whole(straight)
+
+    warned = Sweep(slurm_cluster, tmp_path, "warned")
+    warned.wait_for("step 25 in metrics.csv", lambda: max(warned.steps(), default=-1) >= 25)
+    signal_job(slurm_cluster, warned.job_id)
+    warned.wait_for("the stop's results.json", lambda: _status(warned) not in (None, "requeuing"))
+    stopped = warned.results()
+    assert stopped["status"] == "requeued", stopped
+    assert 25 <= stopped["global_step"] < TOTAL
+    assert read_checkpoint(warned.job_dir / "checkpoints" / "last.ckpt")["global_step"] == stopped["global_step"]
+    requeued_at = time.monotonic()
+    warned.wait_for("the requeued job running", lambda: warned.restarts() == 1 and warned.state() == "RUNNING")
+    back_after = time.monotonic() - requeued_at
+    warned.finish()
+
+    assert_finished_whole(warned)
+    assert warned.restarts() == 1 and "REQUEUED" in warned.accounting(), warned.accounting()
+    assert warned.steps() == list(range(TOTAL))  # in order: the resume continued at the stop's step
+    a, b = final_state(straight.job_dir), final_state(warned.job_dir)
+    assert a.keys() == b.keys() and len(a) > 100
+    assert any(k.startswith("state_dict/ema") for k in a), list(a)[:5]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    print(f"straight {straight.wall_s:.0f} s; warned {warned.wall_s:.0f} s, back {back_after:.0f} s after the stop")
+
+
+def test_a_warning_during_start_up_stops_at_the_first_step_and_the_job_is_requeued(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The warning once the job's run has begun (its folder claimed) and before its first step: training
+    stops after step 1 with that step saved, the job is requeued and finishes."""
+    sweep = Sweep(slurm_cluster, tmp_path, "early")
+    sweep.wait_for("the run's start", lambda: (sweep.job_dir / ".dynamixer-run").exists(), timeout=120)
+    assert sweep.steps() == []
+    signal_job(slurm_cluster, sweep.job_id)
+    sweep.wait_for("the stop's results.json", lambda: _status(sweep) not in (None, "requeuing"))
+    stopped = sweep.results()
+    assert stopped["status"] == "requeued" and stopped["global_step"] == 1, stopped
+    sweep.wait_for("the requeue", lambda: sweep.state() == "PENDING" or sweep.restarts() == 1, timeout=60)
+    slurm_cluster.run(["scontrol", "update", f"jobid={sweep.job_id}", "StartTime=now"], check=False)
+    sweep.finish()
+    assert_finished_whole(sweep)
+    assert sweep.restarts() == 1 and sweep.steps() == list(range(TOTAL))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: SIGUSR2 before submitit installs its handler kills the job")
+def test_a_warning_in_the_first_seconds_of_the_jobs_python_is_not_lost(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The warning right after the job's Python starts (submitit's "Loading pickle", ~7 s before train.py's
+    run): SIGUSR2's default action ends the process before submitit (or we) handle it, and SLURM marks the
+    job FAILED, not requeued. Fails today; it passes once something handles the signal from the first instant."""
+    sweep = Sweep(slurm_cluster, tmp_path, "earliest")
+    log_out = lambda: "".join(p.read_text() for p in (sweep.folder / ".submitit").glob("*/*_log.out"))  # noqa: E731
+    sweep.wait_for("the job's Python", lambda: "Loading pickle" in log_out(), timeout=120)
+    signal_job(slurm_cluster, sweep.job_id)
+    sweep.output()
+    assert sweep.proc.returncode == 0 and _status(sweep) == "finished", sweep.accounting()
+
+
+def test_a_preemption_from_outside_comes_back_and_loses_at_most_the_checkpoint_interval(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`scontrol requeue` of a training job (what a pre-emption by requeue does: SIGTERM, SIGKILL KillWait=5 s
+    later). `scontrol update StartTime=now` lets it run at once instead of after the 11 s SLURM holds it."""
+    every = 5
+    sweep = Sweep(slurm_cluster, tmp_path, "preempted", f"callbacks.last_checkpoint.every_n_train_steps={every}")
+    sweep.wait_for("step 25 in metrics.csv", lambda: max(sweep.steps(), default=-1) >= 25)
+    slurm_cluster.run(["scontrol", "requeue", sweep.job_id])
+    sweep.wait_for("the job pending again", lambda: sweep.state() == "PENDING", timeout=60)
+    slurm_cluster.run(["scontrol", "update", f"jobid={sweep.job_id}", "StartTime=now"])
+    sweep.finish()
+    assert_finished_whole(sweep)
+    assert sweep.restarts() == 1 and "REQUEUED" in sweep.accounting(), sweep.accounting()
+    steps = sweep.steps()
+    # where the resumed job's rows begin: a step again that was logged before the requeue (or none: saved exactly)
+    back = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+    lost = 0 if back is None else steps[back - 1] - steps[back] + 1
+    assert lost <= every, steps
+    print(f"preempted: {lost} steps lost, {sweep.wall_s:.0f} s")
+
+
+def test_max_num_timeout_reached_stops_requeuing_and_results_say_why(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`hydra.launcher.max_num_timeout=1`: the first warning requeues the job, the second one (after its
+    restart) stops it with that step saved and no requeue; results.json says so and counts the restarts."""
+    sweep = Sweep(slurm_cluster, tmp_path, "limited", "hydra.launcher.max_num_timeout=1")
+    sweep.wait_for("step 10 in metrics.csv", lambda: max(sweep.steps(), default=-1) >= 10)
+    signal_job(slurm_cluster, sweep.job_id)
+    sweep.wait_for("the stop's results.json", lambda: _status(sweep) not in (None, "requeuing"))
+    first = sweep.results()
+    assert first["status"] == "requeued" and first["restarts"] == 0, first
+    sweep.wait_for("the requeue", lambda: sweep.state() == "PENDING", timeout=60)
+    slurm_cluster.run(["scontrol", "update", f"jobid={sweep.job_id}", "StartTime=now"])
+    sweep.wait_for("training again", lambda: max(sweep.steps(), default=-1) >= first["global_step"] + 5, timeout=120)
+    signal_job(slurm_cluster, sweep.job_id)
+    out = sweep.output()
+    second = sweep.results()
+    assert second["status"] == "requeue_limit" and second["restarts"] == 1, second
+    assert "max_num_timeout=1" in second["requeue_error"] and first["global_step"] < second["global_step"] < TOTAL
+    assert read_checkpoint(sweep.job_dir / "checkpoints" / "last.ckpt")["global_step"] == second["global_step"]
+    assert sweep.proc.returncode != 0 and sweep.restarts() == 1, out[-3000:]
+    print(f"limited: launcher output ends\n{out[-1500:]}")
+
+
+def test_scancel_ends_the_sweep_with_one_line_per_cancelled_job_and_no_traceback(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """A sweep of two jobs (one per node), both cancelled while they train: the launcher (`train.py -m`) ends
+    with status 1 and one line per job naming its state and log, not submitit's traceback."""
+    sweep = Sweep(slurm_cluster, tmp_path, "cancelled", "seed=1,2")
+    jobs = lambda: sorted(p.name for p in (sweep.folder / ".submitit").glob("*_*") if p.is_dir())  # noqa: E731
+    running = lambda: slurm_cluster.run(["squeue", "-h", "-t", "R", "-o", "%i"]).stdout.split()  # noqa: E731
+    sweep.wait_for("two jobs running", lambda: len(jobs()) == 2 and sorted(running()) == jobs(), timeout=120)
+    slurm_cluster.run(["scancel", *jobs()])
+    out = sweep.output()
+    assert sweep.proc.returncode == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2 and all("CANCELLED" in line and "run_name=cancelled" in line for line in errors), errors
+    assert [job for job in jobs() if f"SLURM job {job} " in out] == jobs()
+    assert "Traceback" not in out and "UncompletedJobError" not in out, out[-3000:]
+    print("\n".join(errors))
+
+
+def test_a_sweep_of_three_jobs_with_one_failing_finishes_the_other_two(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`seed=1,2,oops`: the third job fails at once (a seed that is no integer), the other two train; the sweep
+    ends with status 0 and its summary, and the failed job's results.json says why (two nodes: the third job
+    waits for a free one)."""
+    sweep = Sweep(
+        slurm_cluster, tmp_path, "three", "seed=1,2,oops", "trainer.max_epochs=1", "trainer.limit_train_batches=5"
+    )
+    sweep.finish()
+    results = [json.loads((sweep.folder / str(i) / "results.json").read_text()) for i in range(3)]
+    assert [r["status"] for r in results] == ["finished", "finished", "failed"], results
+    assert "seed=oops is not an integer" in results[2]["error"]
+    # the summary's table lists the two that trained (a job failing before its folder holds .hydra/ is not
+    # listed: the summary finds jobs by it; not particular to SLURM)
+    table = (sweep.folder / "sweep.md").read_text()
+    assert "| 0 | 1 | finished |" in table and "| 1 | 2 | finished |" in table, table
