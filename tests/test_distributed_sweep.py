@@ -210,3 +210,19 @@ def test_optuna_search_samples_the_space_and_reports_the_best(tmp_path: Path) ->
         assert 0.0 <= job["overrides"]["model.drop_path_rate"] <= 0.2
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(j["best"]["val/acc1"] for j in jobs)
+
+
+def test_a_sweep_run_again_leaves_its_jobs_folders_alone_and_lists_early_failures(tmp_path: Path) -> None:
+    """`seed=1,abc`: the second job fails before it trains (a seed that is no integer) and is still a row of
+    the summary; the same sweep started again refuses each finished job's folder and writes nothing into it."""
+    args = ["-m", "seed=1,abc", "debug=fast", "run_name=again", *QUIET]
+    run_script("train.py", args, tmp_path)
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "again"
+    report = json.loads((sweep / "sweep.json").read_text())
+    statuses = {str(r["overrides"]["seed"]): r["status"] for r in report["jobs"]}
+    assert statuses == {"1": "finished", "abc": "failed"}, statuses
+    assert "seed=abc is not an integer" in (sweep / "sweep.md").read_text()
+    finished = next(p for p in sweep.iterdir() if p.name.startswith("0_"))
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file() and p.name != "train.log"}
+    run_script("train.py", args, tmp_path)
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file() and p.name != "train.log"} == before

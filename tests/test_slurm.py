@@ -299,7 +299,7 @@ def test_a_sweep_of_three_jobs_with_one_failing_finishes_the_other_two(
     results = [json.loads((sweep.folder / str(i) / "results.json").read_text()) for i in range(3)]
     assert [r["status"] for r in results] == ["finished", "finished", "failed"], results
     assert "seed=oops is not an integer" in results[2]["error"]
-    # the summary's table lists the two that trained (a job failing before its folder holds .hydra/ is not
-    # listed: the summary finds jobs by it; not particular to SLURM)
+    # the summary lists the two that trained and the one that failed, with its reason
     table = (sweep.folder / "sweep.md").read_text()
     assert "| 0 | 1 | finished |" in table and "| 1 | 2 | finished |" in table, table
+    assert "failed: ConfigError: seed=oops is not an integer" in table, table

@@ -25,7 +25,7 @@ from dynamixer.errors import ConfigError
 from dynamixer.lightning_internals import launched_ranks
 from dynamixer.run.build import build, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_path
-from dynamixer.run.run_folder import claim_run_folder, record_config
+from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.utils.launch import (
     RequeueLimitReached,
     check_devices,
@@ -95,8 +95,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not is_multirun():
                 raise
             log.exception("job failed; the sweep goes on")
-            failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": command_overrides()}
-            write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
+            if not isinstance(err, RunFolderError):  # that folder is another run's: nothing is written into it
+                record_config(cfg)  # the summary finds a job by its .hydra/overrides.yaml
+                failure = {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "overrides": command_overrides(),
+                }
+                write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
             return {"status": "failed"}
         finally:
             os.environ.pop(RESUME_FROM, None)
