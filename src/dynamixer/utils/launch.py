@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -200,3 +201,29 @@ def requeue_slurm_job() -> bool:
     if proc.returncode:
         raise OSError(f"scontrol requeue {job_id} exited with {proc.returncode}: {proc.stderr.strip()}")
     return True
+
+
+def uncompleted_slurm_jobs(message: str) -> list[str]:
+    """One line per job of a submitit sweep that did not complete, from the message of submitit's
+    `UncompletedJobError` (it names the first one's result file, in the sweep's `.submitit/<job id>/`):
+    each job's state in `sacct` and its log folder."""
+    first = message.strip().splitlines()[0] if message.strip() else "a SLURM job of the sweep did not complete"
+    found = re.search(r"path (\S+)/(\d+(?:_\d+)?)/\S*_result\.pkl", message)
+    if not found:
+        return [first]
+    folder = Path(found.group(1))
+    jobs = sorted((p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)), key=lambda j: (len(j), j))
+    try:
+        cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(jobs)]
+        rows = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return [first]
+    states = dict(row.split("|", 1) for row in rows if "|" in row)
+    run_name = folder.parent.name  # .submitit/ is in the sweep's folder, logs/<task>/multiruns/<run_name>
+    lines = [
+        f"SLURM job {job} is {states[job]}, no result (its log: {folder / job}); the same command with "
+        f"run_name={run_name} resumes it (hardware=slurm sets ckpt_path=auto)"
+        for job in jobs
+        if states.get(job, "COMPLETED") != "COMPLETED"
+    ]
+    return lines or [first]
