@@ -212,8 +212,8 @@ def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: P
 def test_under_ddp_a_bad_image_ends_every_rank_with_its_message(verify: bool, tmp_path: Path) -> None:
     """Two CPU ranks. With data.verify=true each rank decodes its share and all stop together with one list of
     what any rank found (exit 2; the file is the 6th of the list, in rank 1's share, and rank 0 reports it);
-    without it, the rank whose batch holds the file fails and the other rank is ended with it instead of
-    waiting at the next collective forever."""
+    without it, rank 1, whose batch holds the file, prints its message and rank 0 ends with it (exit 2, no
+    traceback) instead of waiting at the next collective forever."""
     root = corrupt_tree(tmp_path, index=1)
     args = [*QUIET, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", f"data.verify={verify}"]
     proc = subprocess.run(
@@ -228,7 +228,8 @@ def test_under_ddp_a_bad_image_ends_every_rank_with_its_message(verify: bool, tm
     if verify:
         assert proc.returncode == 2 and "1 of 16 images" in proc.stderr, proc.stderr[-3000:]
     else:
-        assert proc.returncode != 0
+        assert proc.returncode == 2 and "rank 1 ended with the error above" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

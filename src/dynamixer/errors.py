@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2
+
 
 class UserError(Exception):
     """A bad value, file, folder or machine that the user can fix; the message names the value and the fix."""
@@ -33,3 +35,7 @@ class HardwareError(UserError, RuntimeError):
 
 class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (a full disk, a quota, a read-only folder); the previous one is intact."""
+
+
+class RankError(UserError):
+    """Another rank of this DDP run ended with a user's error (its message is printed above this one)."""

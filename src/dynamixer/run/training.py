@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import time
 import warnings
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynamixer import signals
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
-from dynamixer.errors import ConfigError
+from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.lightning_internals import launched_ranks
 from dynamixer.run.build import build, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_path
@@ -54,7 +55,8 @@ def command_overrides() -> list[str]:
 def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
     """The content of `results.json`: final and best validation metrics, best checkpoint, model size, and
     the schedule's extension when this start extended it."""
-    history = next(c.history for c in trainer.callbacks if isinstance(c, MetricsHistory))
+    metrics = next(c for c in trainer.callbacks if isinstance(c, MetricsHistory))
+    history = metrics.history
     extension = next((c.record for c in trainer.callbacks if isinstance(c, RebuildSchedule)), None)
     write_error = next((c.write_error for c in trainer.callbacks if getattr(c, "write_error", None)), None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
@@ -73,6 +75,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "epochs": trainer.current_epoch,
         "torch_threads": torch.get_num_threads(),  # of this process: side-by-side jobs share the cores
         "global_step": trainer.global_step,
+        "start_step": metrics.start_step,  # the step this start resumed at (0: it began at the start)
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
         **({"restarts": slurm_restarts()} if "SLURM_JOB_ID" in os.environ else {}),  # SLURM's requeues of the job
@@ -106,7 +109,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return {"status": "failed"}
         finally:
             os.environ.pop(RESUME_FROM, None)
-            release_distributed()
+            if is_multirun():
+                # the next job needs a fresh process group; a single run keeps it until the process exits,
+                # after its error is printed: ended here, the other ranks would end this one before that
+                release_distributed()
+
+
+def _end_launched_ranks(trainer: L.Trainer, err: BaseException) -> None:
+    """After an error on rank 0, end the ranks it started: they would wait for it at the next collective.
+
+    An error of another kind than the user's is often the consequence of a rank that ended first (a closed
+    connection): such a rank is given a few seconds to end by itself, and when it ended with a user's error
+    (its message printed), this rank's error becomes a `RankError` that points to it.
+    """
+    ranks = launched_ranks(trainer)
+    deadline = time.monotonic() + (0 if isinstance(err, UserError) else 5)
+    for rank in ranks:
+        try:
+            rank.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
+    failed = [i + 1 for i, rank in enumerate(ranks) if rank.returncode == EXIT_USER_ERROR]
+    if failed and not isinstance(err, UserError):
+        raise RankError(
+            f"rank {failed[0]} ended with the error above (this rank then lost its connection: {type(err).__name__})"
+        ) from err
 
 
 def _timing(started: float) -> dict[str, Any]:
@@ -201,10 +229,8 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             _end_stopped_run(trainer, cfg, {**fit_results(trainer, cfg, size, datamodule), **_timing(started)})
-        except BaseException:
-            # an error of this rank alone: the ranks it started would wait for it at the next collective
-            for rank in launched_ranks(trainer):
-                rank.kill()
+        except BaseException as err:
+            _end_launched_ranks(trainer, err)
             raise
         results = {**fit_results(trainer, cfg, size, datamodule), **_timing(started)}
         if trainer.is_global_zero:

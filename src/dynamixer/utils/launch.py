@@ -155,11 +155,10 @@ def release_distributed() -> None:
     """End this job's process group, so that the next job of a multirun starts a fresh one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if is_multirun():
-        # Lightning's launcher leaves these in this process's environment; with LOCAL_RANK set, the next
-        # job would believe its ranks were started externally and wait for them forever
-        for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            os.environ.pop(name, None)
+    # Lightning's launcher leaves these in this process's environment; with LOCAL_RANK set, the next
+    # job would believe its ranks were started externally and wait for them forever
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(name, None)
 
 
 class RequeueLimitReached(OSError):
@@ -203,27 +202,27 @@ def requeue_slurm_job() -> bool:
     return True
 
 
-def uncompleted_slurm_jobs(message: str) -> list[str]:
-    """One line per job of a submitit sweep that did not complete, from the message of submitit's
-    `UncompletedJobError` (it names the first one's result file, in the sweep's `.submitit/<job id>/`):
-    each job's state in `sacct` and its log folder."""
+def uncompleted_slurm_jobs(message: str) -> tuple[Path | None, list[str]]:
+    """The sweep folder of a submitit sweep with jobs that did not complete, and one line per such job, from
+    the message of submitit's `UncompletedJobError` (it names the first one's result file, in the sweep's
+    `.submitit/<job id>/`): each job's state in `sacct` and its log folder."""
     first = message.strip().splitlines()[0] if message.strip() else "a SLURM job of the sweep did not complete"
     found = re.search(r"path (\S+)/(\d+(?:_\d+)?)/\S*_result\.pkl", message)
     if not found:
-        return [first]
+        return None, [first]
     folder = Path(found.group(1))
+    sweep_dir = folder.parent  # .submitit/ is in the sweep's folder, logs/<task>/multiruns/<run_name>
     jobs = sorted((p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)), key=lambda j: (len(j), j))
     try:
         cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(jobs)]
         rows = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
-        return [first]
+        return sweep_dir, [first]
     states = dict(row.split("|", 1) for row in rows if "|" in row)
-    run_name = folder.parent.name  # .submitit/ is in the sweep's folder, logs/<task>/multiruns/<run_name>
     lines = [
         f"SLURM job {job} is {states[job]}, no result (its log: {folder / job}); the same command with "
-        f"run_name={run_name} resumes it (hardware=slurm sets ckpt_path=auto)"
+        f"run_name={sweep_dir.name} resumes it (hardware=slurm sets ckpt_path=auto)"
         for job in jobs
         if states.get(job, "COMPLETED") != "COMPLETED"
     ]
-    return lines or [first]
+    return sweep_dir, lines or [first]
