@@ -80,10 +80,10 @@ class Sweep:
             assert time.monotonic() < end, f"no {what} in {timeout:.0f} s:\n{self.job_log()}"
             time.sleep(0.2)
 
-    def steps(self) -> list[int]:
-        """The steps whose training loss metrics.csv holds, in the order they were written."""
+    def steps(self, job: int = 0) -> list[int]:
+        """The steps whose training loss job `job`'s metrics.csv holds, in the order they were written."""
         try:
-            path = self.job_dir / "csv" / "metrics.csv"
+            path = self.folder / str(job) / "csv" / "metrics.csv"
             with path.open() as f:
                 return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
         except (OSError, StopIteration, ValueError):
@@ -104,8 +104,8 @@ class Sweep:
         logs = sorted((self.folder / ".submitit").glob("*/*_log.*"))
         return "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
 
-    def results(self) -> dict:
-        return json.loads((self.job_dir / "results.json").read_text())
+    def results(self, job: int = 0) -> dict:
+        return json.loads((self.folder / str(job) / "results.json").read_text())
 
     def restarts(self) -> int:
         """SLURM's restart count of the job (`scontrol show job`: finished jobs stay MinJobAge=300 s)."""
@@ -267,23 +267,43 @@ def test_max_num_timeout_reached_stops_requeuing_and_results_say_why(
     print(f"limited: launcher output ends\n{out[-1500:]}")
 
 
-def test_scancel_ends_the_sweep_with_one_line_per_cancelled_job_and_no_traceback(
+def test_scancel_stops_each_job_saved_ends_the_sweep_with_one_line_per_job_and_its_summary_and_a_resubmit_resumes(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
-    """A sweep of two jobs (one per node), both cancelled while they train: the launcher (`train.py -m`) ends
-    with status 1 and one line per job naming its state and log, not submitit's traceback."""
+    """A sweep of two jobs (one per node), both cancelled while they train (SIGTERM, SIGKILL 5 s later): each
+    stops with its step saved (results.json: interrupted); the launcher (`train.py -m`) ends with status 1, one
+    line per job naming its state and log, not submitit's traceback, and the sweep's summary. The same command
+    again resumes both jobs from their saved steps and finishes them."""
     sweep = Sweep(slurm_cluster, tmp_path, "cancelled", "seed=1,2")
     jobs = lambda: sorted(p.name for p in (sweep.folder / ".submitit").glob("*_*") if p.is_dir())  # noqa: E731
-    running = lambda: slurm_cluster.run(["squeue", "-h", "-t", "R", "-o", "%i"]).stdout.split()  # noqa: E731
-    sweep.wait_for("two jobs running", lambda: len(jobs()) == 2 and sorted(running()) == jobs(), timeout=120)
-    slurm_cluster.run(["scancel", *jobs()])
+    sweep.wait_for("both jobs training", lambda: min(len(sweep.steps(0)), len(sweep.steps(1))) >= 5)
+    cancelled = jobs()
+    slurm_cluster.run(["scancel", *cancelled])
     out = sweep.output()
     assert sweep.proc.returncode == 1, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 2 and all("CANCELLED" in line and "run_name=cancelled" in line for line in errors), errors
-    assert [job for job in jobs() if f"SLURM job {job} " in out] == jobs()
+    assert [job for job in cancelled if f"SLURM job {job} " in out] == cancelled
     assert "Traceback" not in out and "UncompletedJobError" not in out, out[-3000:]
+    stopped = [sweep.results(job) for job in (0, 1)]
+    for job, results in enumerate(stopped):
+        assert results["status"] == "interrupted" and 5 <= results["global_step"] < TOTAL, results
+        saved = read_checkpoint(sweep.folder / str(job) / "checkpoints" / "last.ckpt")
+        assert saved["global_step"] == results["global_step"]
+    table = (sweep.folder / "sweep.md").read_text()
+    assert "| 0 | 1 | interrupted |" in table and "| 1 | 2 | interrupted |" in table, table
+    assert f"sweep summary: {sweep.folder / 'sweep.md'}" in out
     print("\n".join(errors))
+
+    again = Sweep(slurm_cluster, tmp_path, "cancelled", "seed=1,2")
+    again.finish()
+    for job, before in enumerate(stopped):
+        results = again.results(job)
+        assert results["status"] == "finished" and results["global_step"] == TOTAL, results
+        assert again.steps(job) == list(range(TOTAL))  # in order: it went on from the saved step
+        assert results["start_step"] == before["global_step"], results
+    table = (sweep.folder / "sweep.md").read_text()
+    assert "| 0 | 1 | finished |" in table and "| 1 | 2 | finished |" in table, table
 
 
 def test_a_sweep_of_three_jobs_with_one_failing_finishes_the_other_two(

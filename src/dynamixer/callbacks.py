@@ -106,6 +106,10 @@ class MetricsHistory(Callback):
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        self.start_step = 0  # where this start of the run began: its checkpoint's step (0 for a first start)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

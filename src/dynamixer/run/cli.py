@@ -16,17 +16,17 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue
 
 from dynamixer import signals
-from dynamixer.errors import UserError
+from dynamixer.errors import EXIT_USER_ERROR, UserError
 from dynamixer.utils.launch import uncompleted_slurm_jobs
 
 USER_ERRORS = (UserError, ConfigCompositionException, OverrideParseException, MissingMandatoryValue)
-EXIT_USER_ERROR = 2
 # whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); kept in the environment for DDP's re-launched ranks
 _TRACES_ASKED = "DYNAMIXER_TRACES_ASKED"
 
@@ -84,9 +84,24 @@ def run_main(main: Callable[[], Any]) -> None:
         # stopped without requeue); its traceback holds nothing of use, the job's state and log do
         if type(err).__name__ != "UncompletedJobError" or os.environ.get(_TRACES_ASKED) == "1":
             raise
-        for line in uncompleted_slurm_jobs(str(err)):
+        sweep_dir, lines = uncompleted_slurm_jobs(str(err))
+        for line in lines:
             print(f"Error: {line}", file=sys.stderr)
+        if sweep_dir is not None:
+            _summarize(sweep_dir)
         raise SystemExit(1) from None
+
+
+def _summarize(sweep_dir: Path) -> None:
+    """The summary of a sweep that Hydra did not end (its callbacks' end is not called): the jobs that did not
+    complete are rows with their last status (interrupted: saved at their last step)."""
+    from dynamixer.sweep import summarize  # matplotlib: only for a sweep
+
+    try:
+        paths = summarize(sweep_dir)
+    except FileNotFoundError:  # no job began its run
+        return
+    print(f"sweep summary: {paths['table']}", file=sys.stderr)
 
 
 def _making_the_run_folder(err: OSError) -> bool:
