@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import random
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -57,7 +60,9 @@ class Sweep:
         self.cluster, self.folder = cluster, cwd / "logs" / "train" / "multiruns" / name
         env = {**cluster.env, "MASTER_ADDR": "127.0.0.1"}
         self.started = time.monotonic()
-        self.proc = start_script("train.py", ["-m", *RUN, f"run_name={name}", *overrides], cwd, env=env)
+        replaced = {o.split("=", 1)[0] for o in overrides}
+        run = [o for o in RUN if o.split("=", 1)[0] not in replaced]
+        self.proc = start_script("train.py", ["-m", *run, f"run_name={name}", *overrides], cwd, env=env)
 
     @property
     def job_id(self) -> str | None:
@@ -121,6 +126,21 @@ class Sweep:
 def signal_job(cluster: SlurmCluster, job_id: str) -> None:
     """SIGUSR2 to the job's step processes: what SLURM's `--signal=USR2@T` (submitit's) sends before a time limit."""
     cluster.run(["scancel", "--signal=USR2", job_id])
+
+
+def task_pid(job_id: str, rank: int) -> int | None:
+    """The process id of task `rank` (SLURM_PROCID) of a running job: its Python process (both nodes are
+    this machine)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"python" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:  # ended meanwhile
+            continue
+        if env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == str(rank).encode():
+            return int(proc.name)
+    return None
 
 
 def final_state(job_dir: Path) -> dict[str, torch.Tensor]:
@@ -323,3 +343,53 @@ def test_a_sweep_of_three_jobs_with_one_failing_finishes_the_other_two(
     table = (sweep.folder / "sweep.md").read_text()
     assert "| 0 | 1 | finished |" in table and "| 1 | 2 | finished |" in table, table
     assert "failed: ConfigError: seed=oops is not an integer" in table, table
+
+
+TWO_NODES = ["hardware.nodes=2", "callbacks.last_checkpoint.every_n_train_steps=4"]
+
+
+def test_ddp_across_two_nodes_survives_a_requeue_and_a_killed_task_and_ends_bit_identical(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """One DDP rank on each node (gloo, Lightning's SLURMEnvironment). At random steps: `scontrol requeue` (both
+    tasks SIGTERM: stopped saved, requeued by SLURM), then SIGKILL of rank 1's process alone (rank 0 loses its
+    peer and the job fails, results.json says so; the same command again resumes from the last checkpoint,
+    every 4 steps). The end equals an uninterrupted two-node run's bit for bit."""
+    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 10_000))
+    chance = random.Random(seed)
+    requeue_at, kill_at = chance.randint(6, 20), chance.randint(26, 45)
+    where = f"CHAOS_SEED={seed}: requeue at step {requeue_at}, kill of rank 1 at step {kill_at}"
+
+    straight = Sweep(slurm_cluster, tmp_path, "ddp_straight", *TWO_NODES)
+    straight.finish()
+    assert_finished_whole(straight)
+    nodes = slurm_cluster.run(["sacct", "-X", "-n", "-P", "-j", straight.job_id, "-o", "NNodes,NodeList"]).stdout
+    assert nodes.split() == ["2|n[1-2]"], nodes
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in straight.job_log(), straight.job_log()
+
+    chaos = Sweep(slurm_cluster, tmp_path, "ddp_chaos", *TWO_NODES)
+    chaos.wait_for(f"step {requeue_at}", lambda: max(chaos.steps(), default=-1) >= requeue_at)
+    slurm_cluster.run(["scontrol", "requeue", chaos.job_id])
+    chaos.wait_for("the job pending again", lambda: chaos.state() == "PENDING", timeout=60)
+    assert chaos.results()["status"] == "interrupted", where
+    slurm_cluster.run(["scontrol", "update", f"jobid={chaos.job_id}", "StartTime=now"])
+    chaos.wait_for(f"step {kill_at}", lambda: max(chaos.steps(), default=-1) >= kill_at)
+    pid = task_pid(chaos.job_id, 1)
+    assert pid is not None, where
+    os.kill(pid, signal.SIGKILL)
+    out = chaos.output()
+    failed = chaos.results()
+    assert failed["status"] == "failed" and failed["error"], (where, failed, out[-3000:])
+    saved = read_checkpoint(chaos.job_dir / "checkpoints" / "last.ckpt")["global_step"]
+
+    again = Sweep(slurm_cluster, tmp_path, "ddp_chaos", *TWO_NODES)
+    again.finish()
+    results = again.results()
+    assert results["status"] == "finished" and results["global_step"] == TOTAL, (where, results)
+    # it went on from the last checkpoint before the kill: at most the interval lost
+    assert results["start_step"] == saved and kill_at - 4 < saved and saved % 4 == 0, (where, saved, results)
+    assert sorted(set(again.steps())) == list(range(TOTAL)), where
+    a, b = final_state(straight.job_dir), final_state(again.job_dir)
+    assert a.keys() == b.keys() and len(a) > 100
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], where
+    print(f"{where}; straight {straight.wall_s:.0f} s, chaos {chaos.wall_s:.0f} + {again.wall_s:.0f} s")
