@@ -69,7 +69,7 @@ def test_train_aug_from_dictconfig_and_unknown_key():
     aug = OmegaConf.create({"scale": [0.5, 1.0], "hflip": 0.0})
     dm = DigitsDataModule(train_aug=aug)
     assert dm.train_aug["scale"] == [0.5, 1.0] and dm.train_aug["hflip"] == 0.0
-    with pytest.raises(ValueError, match="unknown train_aug keys"):
+    with pytest.raises(ValueError, match="data.train_aug has unknown keys"):
         DigitsDataModule(train_aug={"mixup": 0.8})
 
 

@@ -194,7 +194,10 @@ class MixingFigures(Callback):
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 4, layer: int = 0) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs}: use 1 or more (or callbacks.mixing_figures=null)")
+            raise ConfigError(
+                f"callbacks.mixing_figures.every_n_epochs={every_n_epochs}: use 1 or more "
+                "(or callbacks.mixing_figures=null)"
+            )
         self.every_n_epochs, self.num_images, self.layer = every_n_epochs, num_images, layer
         self._images: Any = None
 

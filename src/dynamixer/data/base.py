@@ -67,9 +67,11 @@ class ClassificationDataModule(LightningDataModule, ABC):
         aug = {**self.default_train_aug, **dict(train_aug or {})}
         unknown = sorted(set(aug) - TRAIN_AUG_KEYS)
         if unknown:
-            raise ValueError(f"unknown train_aug keys {unknown}; allowed: {sorted(TRAIN_AUG_KEYS)}")
+            raise ConfigError(
+                f"data.train_aug has unknown keys {unknown}: use only {sorted(TRAIN_AUG_KEYS)} (or remove them)"
+            )
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size={batch_size}: give 1 or more, e.g. data.batch_size=64")
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()

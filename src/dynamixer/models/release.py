@@ -11,6 +11,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from dynamixer.errors import CheckpointError
+
 from .dynamixer import checkpoint_filter_fn, release_key_map, stage_resolutions
 from .weights import read_weights
 
@@ -43,7 +45,7 @@ def load_release_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Ma
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + "; ".join(keys[:5]) + (" ..." if len(keys) > 5 else ""))
         lines.append("Build the model with the variant, image size and num_classes the checkpoint was trained with.")
-        raise ValueError("\n".join(lines))
+        raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -67,7 +69,7 @@ def model_kwargs_from_release(config: Mapping[str, Any]) -> dict[str, Any]:
     if "resolutions" in config:
         derived = [r[0] for r in stage_resolutions(kwargs["img_size"], kwargs["patch_size"], kwargs["transitions"])]
         if derived != list(config["resolutions"]):
-            raise ValueError(
+            raise CheckpointError(
                 f"the release's resolutions {list(config['resolutions'])} disagree with {derived}, derived from "
                 f"img_size={kwargs['img_size']}, patch_size={kwargs['patch_size']} and the transitions"
             )
