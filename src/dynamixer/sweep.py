@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dynamixer.utils.results import RESULTS_FILE, read_results, write_file
+from dynamixer.utils.tracking import REPLICATE_KEY
 
 METRICS = ("val/acc1", "val/ema_acc1", "val/acc5", "val/loss")
 
@@ -51,9 +52,6 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     """The override keys whose values differ between jobs."""
     keys = sorted({k for r in rows for k in r["overrides"]})
     return [k for k in keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
-
-
-REPLICATE_KEY = "seed"  # jobs that differ only in it are replicates of one setting
 
 
 def settings(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ def user_message(err: BaseException) -> str:
     return text.strip()
 
 
-def _exit_with_message(err: BaseException) -> None:
-    if os.environ.get(_TRACES_ASKED) == "1":
+def _exit_with_message(err: BaseException, traces: bool | None = None) -> None:
+    if os.environ.get(_TRACES_ASKED) == "1" if traces is None else traces:
         raise err
     print(f"Error: {user_message(err)}", file=sys.stderr)
     raise SystemExit(EXIT_USER_ERROR) from None
@@ -62,14 +62,15 @@ def exit_on_user_error() -> Iterator[None]:
 def run_main(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function: a bad override, config option or key prints its message alone and exits
     with status 2. `HYDRA_FULL_ERROR=1` shows the traceback of every error."""
-    os.environ.setdefault(_TRACES_ASKED, "1" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "0")
-    # Hydra then re-raises errors of the composition here instead of printing them and exiting with 1
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    asked = os.environ.get(_TRACES_ASKED) or ("1" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "0")
+    traces = asked == "1"
     try:
-        with signals.noted():  # the stop and requeue signals are ours from here to the end
+        # Hydra then re-raises errors of the composition here instead of printing them and exiting with 1;
+        # the ranks that DDP starts inherit what the user asked for
+        with _environ(HYDRA_FULL_ERROR="1", **{_TRACES_ASKED: asked}), signals.noted():  # the signals are ours
             main()
     except USER_ERRORS as err:
-        _exit_with_message(err)
+        _exit_with_message(err, traces)
     except OSError as err:
         if not _making_the_run_folder(err):
             raise
@@ -77,12 +78,13 @@ def run_main(main: Callable[[], Any]) -> None:
             UserError(
                 f"cannot make the run folder {err.filename} ({err.strerror}): set paths.log_dir (or paths.root_dir, "
                 "or DYNAMIXER_ROOT) to a folder you can write"
-            )
+            ),
+            traces,
         )
     except RuntimeError as err:
         # submitit's launcher (hydra/launcher=submitit_slurm): a job ended without a result (cancelled, killed,
         # stopped without requeue); its traceback holds nothing of use, the job's state and log do
-        if type(err).__name__ != "UncompletedJobError" or os.environ.get(_TRACES_ASKED) == "1":
+        if type(err).__name__ != "UncompletedJobError" or traces:
             raise
         sweep_dir, lines = uncompleted_slurm_jobs(str(err))
         for line in lines:
@@ -102,6 +104,21 @@ def _summarize(sweep_dir: Path) -> None:
     except FileNotFoundError:  # no job began its run
         return
     print(f"sweep summary: {paths['table']}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Environment variables set for the block and put back as they were after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _making_the_run_folder(err: OSError) -> bool:

@@ -18,7 +18,7 @@ from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPat
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.run.checkpoints import load_model
 from dynamixer.run.stored_config import StoredRun
-from dynamixer.run.training import command_overrides
+from dynamixer.utils.launch import command_overrides
 from dynamixer.utils.results import write_results
 
 log = logging.getLogger(__name__)

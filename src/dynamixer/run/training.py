@@ -14,7 +14,6 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -30,10 +29,11 @@ from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_co
 from dynamixer.utils.launch import (
     RequeueLimitReached,
     check_devices,
+    command_overrides,
+    ddp_relaunch_of_this_job,
     is_first_process,
     is_multirun,
     job_slot,
-    prepare_ddp_relaunch,
     release_distributed,
     requeue_slurm_job,
     slurm_restarts,
@@ -43,13 +43,6 @@ from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_confi
 
 log = logging.getLogger(__name__)
 RESUME_FROM = "DYNAMIXER_RESUME_FROM"  # the checkpoint rank 0 resumes, for the ranks it starts
-# the EMA copy of the model is meant to stay in eval mode while the raw model trains
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-
-
-def command_overrides() -> list[str]:
-    """The overrides of this command line (empty outside a Hydra run)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
@@ -92,8 +85,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     with signals.noted():  # from here to the end (or from run_main's start): no signal ends the run mid-way
         try:
-            with job_slot(cfg.trainer) as slot_overrides:
-                return _train(cfg, started, slot_overrides)
+            with job_slot(cfg.trainer) as slot_overrides, ddp_relaunch_of_this_job(slot_overrides):
+                return _train(cfg, started)
         except Exception as err:
             if not is_multirun():
                 raise
@@ -185,10 +178,9 @@ def check_monitors(callbacks: dict[str, Any], module: Any) -> None:
             )
 
 
-def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[str, Any]:
+def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed} is not an integer: give seed=<integer>, e.g. seed=42")
-    prepare_ddp_relaunch(slot_overrides)
     check_devices(cfg.trainer)
     # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
     # could be another: a save or a copy in between)
@@ -196,6 +188,7 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
     ckpt_path = ckpt_path or None
     os.environ[RESUME_FROM] = ckpt_path or ""
     extended = check_resume_config(ckpt_path, cfg) if ckpt_path else None
+    configure_wandb(cfg.get("logger"), cfg.paths.output_dir)  # before the run config is stored anywhere
     if is_first_process():
         claim_run_folder(cfg, resuming=ckpt_path is not None or cfg.get("ckpt_path") == "auto")
         record_config(cfg)
@@ -207,7 +200,6 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
     callbacks.append(MetricsHistory())  # results.json is made from it
     if extended:
         callbacks.append(RebuildSchedule(extended))
-    configure_wandb(cfg.get("logger"), cfg.paths.output_dir)
     loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
@@ -226,7 +218,10 @@ def _train(cfg: DictConfig, started: float, slot_overrides: list[str]) -> dict[s
     try:
         try:
             # resumed from a file read as data only (check_resume_config has read it with read_checkpoint)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            with warnings.catch_warnings():
+                # the EMA copy of the model is meant to stay in eval mode while the raw model trains
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             _end_stopped_run(trainer, cfg, {**fit_results(trainer, cfg, size, datamodule), **_timing(started)})
         except BaseException as err:

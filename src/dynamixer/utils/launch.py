@@ -49,6 +49,11 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
         )
 
 
+def command_overrides() -> list[str]:
+    """The overrides of this command line (empty outside a Hydra run)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def is_first_process() -> bool:
     """Whether this process is global rank 0 of its run, by the environment a launcher gives its ranks
     (Lightning's DDP re-launch, torchrun, SLURM's tasks), before any process group exists."""
@@ -59,25 +64,34 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def prepare_ddp_relaunch(extra_overrides: list[str] = ()) -> None:
-    """Make Lightning's DDP re-launch of this script run *this* multirun job, in *its* folder.
+@contextmanager
+def ddp_relaunch_of_this_job(extra_overrides: list[str] = ()) -> Iterator[None]:
+    """Inside the block, Lightning's DDP re-launch of this script runs *this* multirun job, in *its* folder;
+    after it, `sys.argv`, the job's Hydra config and `__main__.__spec__` are as they were.
 
     Lightning starts ranks 1..N-1 as `sys.argv + hydra.run.dir=<HydraConfig run.dir>`; inside a multirun
-    that would start the whole sweep again, in the wrong folder. We hand it the job's own overrides (and
+    that would start the whole sweep again, in the wrong folder. It is handed the job's own overrides (and
     `extra_overrides`, e.g. the devices of its slot) and output folder instead.
     """
     if not is_multirun():
+        yield
         return
     hydra_cfg = HydraConfig.get()
+    main = sys.modules["__main__"]
+    argv, run_dir, spec = sys.argv, hydra_cfg.run.dir, getattr(main, "__spec__", None)
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, *extra_overrides]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-    main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name.startswith("joblib."):
         # a worker of a parallel sweep: Lightning would start the ranks as `python -m <the worker's module>`;
         # without a spec it starts them as `python <sys.argv[0]>`, the entry script (joblib keeps sys.argv)
         main.__spec__ = None
+    try:
+        yield
+    finally:
+        sys.argv, main.__spec__ = argv, spec
+        with read_write(hydra_cfg), open_dict(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
 
 
 def parallel_jobs() -> int:

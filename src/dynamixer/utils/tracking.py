@@ -16,8 +16,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from dynamixer.lightning_internals import started_wandb_run
-from dynamixer.sweep import REPLICATE_KEY
 from dynamixer.utils.launch import is_multirun
+
+REPLICATE_KEY = "seed"  # jobs of a sweep that differ only in it are replicates of one setting
 
 
 def wandb_api_key_configured() -> bool:
