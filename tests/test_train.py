@@ -21,6 +21,7 @@ from dynamixer.run import build
 from helpers import (
     QUIET_TEST,
     QUIET_TRAIN,
+    REPO,
     compose_train_config,
     read_checkpoint,
     run_dir,
@@ -122,6 +123,11 @@ def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
     run_config = ckpt["hyper_parameters"]["run_config"]
     assert run_config["data"]["_target_"].endswith("ImageFolderDataModule")
     assert Path(run_config["data"]["data_dir"]) == image_tree
+    # what made it: the package versions and the code's commit, in results.json and the checkpoint
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert results["git"]["commit"] == head.strip() and isinstance(results["git"]["dirty"], bool), results["git"]
+    assert results["torch_build"]["version"] == torch.__version__ and results["versions"]["lightning"] == L.__version__
+    assert ckpt["provenance"] == {k: results[k] for k in ("versions", "torch_build", "git")}
 
 
 def test_train_with_missing_data_folder_fails_naming_it(tmp_path):

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
 from dynamixer.lightning_internals import is_compiled
+from dynamixer.utils.provenance import provenance
 from dynamixer.utils.rng import rng_states, set_rng_states
 
 __all__ = ["CHECKPOINT_FORMAT", "ImageClassifier"]
@@ -173,6 +174,7 @@ class ImageClassifier(L.LightningModule):
         # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
         # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
         checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT
+        checkpoint["provenance"] = provenance()  # package versions and git commit of the code that wrote it
         states = rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -189,14 +191,6 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)
         self._log_evaluation()
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch)
-        self._log_evaluation()
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.model(x).softmax(dim=-1)
 
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -191,9 +191,3 @@ class ClassificationDataModule(LightningDataModule, ABC):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -38,6 +38,7 @@ from dynamixer.utils.launch import (
     requeue_slurm_job,
     slurm_restarts,
 )
+from dynamixer.utils.provenance import provenance
 from dynamixer.utils.results import write_results
 from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_config
 
@@ -71,6 +72,7 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
         "start_step": metrics.start_step,  # the step this start resumed at (0: it began at the start)
         "overrides": command_overrides(),
         "output_dir": str(cfg.paths.output_dir),
+        **provenance(),  # versions and git commit of this start (a resumed run: the code of its last start)
         **({"restarts": slurm_restarts()} if "SLURM_JOB_ID" in os.environ else {}),  # SLURM's requeues of the job
         **({"schedule_extended": extension} if extension else {}),
         **({"checkpoint_error": write_error} if write_error else {}),
