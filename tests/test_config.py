@@ -15,13 +15,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dynamixer.data import ImageFolderDataModule
 from dynamixer.errors import HardwareError
 from dynamixer.utils.launch import check_devices
-from helpers import CONF_DIR, compose_train_config, write_image_tree
+from helpers import CONF_DIR, compose_job_config, compose_train_config, write_image_tree
 
 CONF = CONF_DIR
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     for group in ("model", "data", "optimizer", "scheduler", "trainer", "hardware", "logger", "callbacks", "debug")
-    + ("sweep",)
+    + ("sweep", "experiment", "module", "module/mixup")
 }
 
 
@@ -30,16 +30,62 @@ def compose_train(*overrides: str) -> DictConfig:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_group_option_composes(group: str, option: str) -> None:
-    cfg = compose_train(f"{group}={option}")
-    assert cfg.model.model_name.startswith("dynamixer_")
-    OmegaConf.to_container(cfg.model, resolve=True)  # no dangling interpolations in the model
+def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    """Every option of every group is chosen, and the whole job config it gives resolves (no dangling
+    interpolation anywhere, the hydra resolvers of a job included)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose_job_config([f"{group}={option}"], tmp_path)
+    assert HydraConfig.get().runtime.choices[group] == option
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["model_name"].startswith("dynamixer_")
 
 
 @pytest.mark.parametrize("option", GROUPS["model"])
-def test_every_model_config_exposes_the_ablation_axes(option: str) -> None:
-    raw = OmegaConf.load(CONF / "model" / f"{option}.yaml")
-    assert {"segments", "reduced_dim", "img_size", "drop_path_rate"} <= set(raw)
+def test_every_model_config_exposes_the_ablation_axes(option: str, tmp_path: Path) -> None:
+    model = compose_job_config([f"model={option}"], tmp_path).model
+    assert {"segments", "reduced_dim", "img_size", "drop_path_rate"} <= set(model)
+    assert model.model_name == option
+
+
+@pytest.mark.parametrize("option", GROUPS["data"])
+def test_data_configs_state_the_same_defaults_as_their_classes(option: str) -> None:
+    """A data module built from Python (no config) is the one its conf/data file describes: every value the
+    file states (not an interpolation) equals the class's own default, its train_aug included."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from dynamixer.data.transforms import build_transform
+
+    stated = OmegaConf.to_container(OmegaConf.load(CONF / "data" / f"{option}.yaml"))
+    cls = get_class(stated.pop("_target_"))
+    defaults = {
+        p.name: p.default
+        for klass in reversed(cls.__mro__)
+        if "__init__" in vars(klass)
+        for p in inspect.signature(klass.__init__).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
+    defaults.update(cls.defaults)
+    aug = inspect.signature(build_transform).parameters.values()
+    default_aug = {p.name: p.default for p in aug if p.kind == p.KEYWORD_ONLY and p.default is not p.empty}
+    default_aug.update(cls.default_train_aug)
+
+    def plain(value):  # YAML lists against tuples
+        return list(value) if isinstance(value, tuple) else value
+
+    differ = [
+        (key, value, defaults.get(key, "no default"))
+        for key, value in stated.items()
+        if key != "train_aug" and not (isinstance(value, str) and "${" in value) and value != plain(defaults.get(key))
+    ]
+    differ += [
+        (f"train_aug.{key}", value, default_aug.get(key, "no default"))
+        for key, value in (stated.get("train_aug") or {}).items()
+        if value != plain(default_aug.get(key))
+    ]
+    assert differ == [], f"conf/data/{option}.yaml and {cls.__name__}'s defaults disagree: {differ}"
 
 
 def test_default_run_instantiates_the_tiny_model_on_digits() -> None:
@@ -238,3 +284,36 @@ def test_parallel_launcher_and_optuna_search_compose() -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "model.drop_path_rate"}
     assert cfg.hydra.sweeper.max_failure_rate == 1.0  # a failed trial does not end the search
+
+
+RECIPE_KEYS = [
+    "model.model_name", "model.img_size", "model.drop_path_rate", "data.batch_size", "trainer.devices",
+    "trainer.num_nodes", "trainer.precision", "optimizer._target_", "optimizer.lr", "optimizer.weight_decay",
+    "optimizer.betas", "scheduler.warmup_epochs", "scheduler.warmup_lr", "trainer.max_epochs",
+    "scheduler.cooldown_epochs", "scheduler.min_lr", "module.label_smoothing", "module.mixup.mixup_alpha",
+    "module.mixup.cutmix_alpha", "module.mixup.prob", "module.mixup.switch_prob", "module.ema_decay",
+    "data.crop_pct", "data.interpolation", "data.train_aug.scale", "data.train_aug.hflip",
+    "data.train_aug.auto_augment", "data.train_aug.re_prob", "data.train_aug.train_interpolation", "seed",
+]  # fmt: skip
+RECIPES = ["dynamixer_s_imagenet", "dynamixer_m_imagenet", "dynamixer_l_imagenet", "dynamixer_s_imagenet_short"]
+
+
+def recipe_table(tmp_path: Path) -> str:
+    """The README's table of the ImageNet experiments: each key's value as the composed job config has it."""
+    configs = [compose_job_config([f"experiment={name}"], tmp_path / name) for name in RECIPES]
+    lines = ["| key | " + " | ".join(f"`{name}`" for name in RECIPES) + " |", "|---" * (len(RECIPES) + 1) + "|"]
+    for key in RECIPE_KEYS:
+        values = [
+            OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(c, key)}), resolve=True)["v"]
+            for c in configs
+        ]
+        lines.append(f"| `{key}` | " + " | ".join(f"`{v}`" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def test_readme_shows_each_imagenet_recipe_as_composed(tmp_path: Path) -> None:
+    """The experiment files override only what differs (four files deep for the ablations): the README's
+    table shows each recipe whole, and is what `--cfg job` would print."""
+    table = recipe_table(tmp_path)
+    readme = (CONF.parent / "README.md").read_text()
+    assert table in readme, f"README.md's recipe table is not the composed recipe; it should read:\n{table}"

@@ -92,10 +92,10 @@ def test_digits_split_is_deterministic(digits):
 
 def test_digits_batches(digits):
     x, y = next(iter(digits.train_dataloader()))
-    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) <= 9
     xv, _ = next(iter(digits.val_dataloader()))
-    assert xv.shape == (32, 3, 32, 32)
+    assert xv.shape == (32, 3, 16, 16)
     assert len(digits.val_dataloader()) == 12  # 360 / 32, last batch kept
     assert len(digits.train_dataloader()) == 1437 // 32  # drop_last
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dynamixer.data.base import ClassificationDataModule, InMemoryImages
 from dynamixer.data.transforms import padded_crop_transform
-from dynamixer.errors import DataError
+from dynamixer.errors import ConfigError, DataError
 
 # folder, training files, test file, meta file, label key, label-names key
 LAYOUTS = {
@@ -63,9 +63,14 @@ class CIFARDataModule(ClassificationDataModule):
     release's transfer recipe). Evaluation on the test split: resize to `img_size`.
     """
 
-    defaults = {"batch_size": 128, "crop_pct": 1.0}
+    defaults = {"batch_size": 128, "num_workers": 8, "crop_pct": 1.0}
 
     def __init__(self, data_dir: str, **kwargs: Any) -> None:
+        if kwargs.get("train_aug"):
+            raise ConfigError(
+                f"data.train_aug={dict(kwargs['train_aug'])} does not apply to data=cifar: its training transform is "
+                "the release's transfer recipe (padded random crop and flip); remove data.train_aug"
+            )
         super().__init__(**{**self.defaults, **kwargs})
         root = Path(data_dir).expanduser().absolute()
         folders = [root] if root.name in LAYOUTS else [root / name for name in LAYOUTS]

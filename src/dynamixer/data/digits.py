@@ -32,7 +32,7 @@ class DigitsDataModule(ClassificationDataModule):
     defaults = {
         "batch_size": 32,
         "num_workers": 0,
-        "img_size": 32,
+        "img_size": 16,  # that of model=dynamixer_tiny, the default run's
         "crop_pct": 1.0,
         "mean": (0.5,) * 3,
         "std": (0.5,) * 3,

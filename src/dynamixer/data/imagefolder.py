@@ -174,6 +174,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     """
 
     defaults = {"num_workers": 8}  # ImageNet decoding needs workers; the rest are the base defaults
+    # the paper's augmentation (conf/data/imagenet.yaml states all of it): RandAugment and random erasing
+    default_train_aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
 
     def __init__(
         self,

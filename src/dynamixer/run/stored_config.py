@@ -87,9 +87,20 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 @cache
 def options(section: str) -> dict[str, dict[str, Any]]:
-    """Our options of a config group, by name, as written in `conf/<section>/<name>.yaml`."""
+    """Our options of a config group, by name, as `conf/<section>/<name>.yaml` composes them: an option that
+    starts from another option of its group (`defaults: [<name>, _self_]`) has that one's keys under its own."""
     found = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / section).glob("*.yaml"))}
-    return {name: {k: v for k, v in option.items() if k != "defaults"} for name, option in found.items()}
+
+    def composed(name: str) -> dict[str, Any]:
+        option = found[name]
+        bases = [d for d in option.get("defaults", []) if isinstance(d, str) and d in found and d != name]
+        merged: dict[str, Any] = {}
+        for base in bases:
+            merged.update(composed(base))
+        merged.update({k: v for k, v in option.items() if k != "defaults"})
+        return merged
+
+    return {name: composed(name) for name in found}
 
 
 def _settings_of(target: str) -> set[str]:
