@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def training_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Raw weights, EMA weights and optimizer state of a checkpoint, flattened to named tensors."""
+    ckpt = read_checkpoint(path)
+    tensors = {f"state_dict/{k}": v for k, v in ckpt["state_dict"].items()}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    walk("optimizer_states", ckpt["optimizer_states"])
+    return tensors
+
+
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """The names whose tensors are not bit-identical (or are in one only); [] for two equal states."""
+    return sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]
 
 
 def run_dir(cwd: str | os.PathLike, run_name: str, task: str = "train") -> Path:

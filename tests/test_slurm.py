@@ -25,7 +25,7 @@ import pytest
 import torch
 from slurm_cluster import SlurmCluster
 
-from helpers import read_checkpoint, start_script
+from helpers import differing, read_checkpoint, start_script, training_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -143,23 +143,8 @@ def task_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
-def final_state(job_dir: Path) -> dict[str, torch.Tensor]:
-    """Raw weights, EMA weights and optimizer state of a job's last.ckpt, flattened to named tensors."""
-    ckpt = read_checkpoint(job_dir / "checkpoints" / "last.ckpt")
-    tensors = {f"state_dict/{k}": v for k, v in ckpt["state_dict"].items()}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            tensors[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
-    walk("optimizer_states", ckpt["optimizer_states"])
-    return tensors
+def training_state_of(job_dir: Path) -> dict[str, torch.Tensor]:
+    return training_state(job_dir / "checkpoints" / "last.ckpt")
 
 
 def _status(sweep: Sweep) -> str | None:
@@ -200,10 +185,10 @@ def test_a_time_limit_warning_checkpoints_requeues_and_ends_as_an_uninterrupted_
     assert_finished_whole(warned)
     assert warned.restarts() == 1 and "REQUEUED" in warned.accounting(), warned.accounting()
     assert warned.steps() == list(range(TOTAL))  # in order: the resume continued at the stop's step
-    a, b = final_state(straight.job_dir), final_state(warned.job_dir)
+    a, b = training_state_of(straight.job_dir), training_state_of(warned.job_dir)
     assert a.keys() == b.keys() and len(a) > 100
     assert any(k.startswith("state_dict/ema") for k in a), list(a)[:5]
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert differing(a, b) == []
     print(f"straight {straight.wall_s:.0f} s; warned {warned.wall_s:.0f} s, back {back_after:.0f} s after the stop")
 
 
@@ -389,7 +374,7 @@ def test_ddp_across_two_nodes_survives_a_requeue_and_a_killed_task_and_ends_bit_
     # it went on from the last checkpoint before the kill: at most the interval lost
     assert results["start_step"] == saved and kill_at - 4 < saved and saved % 4 == 0, (where, saved, results)
     assert sorted(set(again.steps())) == list(range(TOTAL)), where
-    a, b = final_state(straight.job_dir), final_state(again.job_dir)
+    a, b = training_state_of(straight.job_dir), training_state_of(again.job_dir)
     assert a.keys() == b.keys() and len(a) > 100
-    assert [k for k in a if not torch.equal(a[k], b[k])] == [], where
+    assert differing(a, b) == [], where
     print(f"{where}; straight {straight.wall_s:.0f} s, chaos {chaos.wall_s:.0f} + {again.wall_s:.0f} s")
