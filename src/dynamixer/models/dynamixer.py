@@ -509,7 +509,8 @@ class DynaMixer(nn.Module):
             x = stage(x)
             if i in take_indices:
                 y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+                # NCHW contiguous, as timm's models give it (detection necks may `.view` the maps)
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -517,12 +518,18 @@ class DynaMixer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last of `indices` (and the norm and head when asked); timm's feature API."""
+        """Drop the stages after the last of `indices` (and the norm and head when asked); timm's feature API.
+
+        Pruned before the last stage, the final norm and head go too: they are sized for the last stage's
+        channels, and the features now end at the stage `max(indices)`."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
 
@@ -624,7 +631,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: DynaMixer) -> dic
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
-    return build_model_with_cfg(DynaMixer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    """A registered variant; with `features_only=True`, timm's wrapper of `forward_intermediates` giving the
+    NCHW outputs of the stages `out_indices` (default all four), the stages after the last one pruned."""
+    return build_model_with_cfg(
+        DynaMixer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=tuple(range(NUM_STAGES)), feature_cls="getter"),
+        **kwargs,
+    )
 
 
 # The paper's variants (docs/paper.md, section 3). `segments`/`reduced_dim` may be overridden for ablations.
