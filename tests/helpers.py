@@ -25,7 +25,9 @@ REFERENCE_DIR = REPO / "tests" / "data" / "reference"  # the authors' release: k
 # CPU, no progress bar or model summary: quiet, deterministic device choice in every script run
 # (`++`: set the key whether or not the trainer config lists it)
 QUIET_TEST = ["hardware=cpu", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
-QUIET_TRAIN = [*QUIET_TEST, "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]  # train.py's own callbacks
+QUIET_TRAIN = [*QUIET_TEST, *QUIET]
+QUIET_FAST = [*QUIET, "debug=fast"]  # a few small steps (conf/debug/fast.yaml)
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 
@@ -176,12 +178,15 @@ def write_image_tree(
     return root
 
 
-def compose_train_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None):
-    """`conf/train.yaml` composed with `overrides`, outside a Hydra run (so `paths` are set explicitly)."""
+def compose_train_config(
+    overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None, with_hydra: bool = False
+):
+    """`conf/train.yaml` composed with `overrides`, outside a Hydra run (so `paths` are set explicitly);
+    `with_hydra`: with its `hydra` node (launcher, sweeper)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
     if output_dir is not None:
         from omegaconf import open_dict
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from dynamixer.run import train
-from helpers import REPO, compose_job_config, entry_point, script_env, write_image_tree
+from helpers import QUIET_FAST, REPO, compose_job_config, entry_point, script_env, write_image_tree
 
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "logger=csv", "debug=fast"]
+QUIET = [*QUIET_FAST, "logger=csv"]
 
 
 def run_train(tmp_path: Path, *overrides: str) -> dict:

@@ -12,9 +12,8 @@ import torch
 
 from dynamixer import load_release_checkpoint
 from dynamixer.run import train
-from helpers import compose_job_config, files_state, read_checkpoint, write_image_tree
+from helpers import QUIET_FAST, compose_job_config, files_state, read_checkpoint, write_image_tree
 
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
 IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
 
 
@@ -33,7 +32,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A real training checkpoint of dynamixer_tiny on a 3-class image tree, and that tree."""
     root = tmp_path_factory.mktemp("trained")
     tree = write_image_tree(root / "data")
-    train(compose_job_config([*QUIET, *IMAGENET, f"data.data_dir={tree}"], root / "run"))
+    train(compose_job_config([*QUIET_FAST, *IMAGENET, f"data.data_dir={tree}"], root / "run"))
     return root / "run" / "checkpoints" / "last.ckpt", tree
 
 
@@ -58,8 +57,8 @@ def test_a_pickled_object_is_refused_by_test_predict_resume_and_pretrained_file(
     for script, args in (
         ("test.py", [f"ckpt_path={evil}", data, "hardware=cpu"]),
         ("predict.py", [f"ckpt_path={evil}", f"inputs={trained[1] / 'val'}"]),
-        ("train.py", [*QUIET, *IMAGENET, data, f"ckpt_path={evil}"]),
-        ("train.py", [*QUIET, *IMAGENET, data, f"model.pretrained_file={evil}"]),
+        ("train.py", [*QUIET_FAST, *IMAGENET, data, f"ckpt_path={evil}"]),
+        ("train.py", [*QUIET_FAST, *IMAGENET, data, f"model.pretrained_file={evil}"]),
     ):
         message = user_error(script, args, tmp_path)
         assert "refused to open" in message and "run code" in message, (script, message)

@@ -253,21 +253,14 @@ def test_last_checkpoint_by_steps_or_time_reaches_the_callback(tmp_path: Path) -
     assert imagenet._train_time_interval == timedelta(minutes=30) and imagenet._every_n_epochs == 0
 
 
-def compose_with_hydra(*overrides: str) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-
 @pytest.mark.parametrize(
     "preset,axis,values", [("segments", "model.segments", "1,2,4,8"), ("mixing", "model.mixing", "dynamic,static")]
 )
 def test_ablation_presets_hold_their_sweep_on_imagenet_and_on_digits(preset: str, axis: str, values: str) -> None:
     """`experiment=ablation_<preset>`: the S recipe on the stated 100-epoch schedule; `sweep=<preset>`: the same
     grid on the default digits run. 3 seeds each, as Hydra sweeper params."""
-    imagenet = compose_with_hydra(f"experiment=ablation_{preset}")
-    digits = compose_with_hydra(f"sweep={preset}")
+    imagenet = compose_train_config([f"experiment=ablation_{preset}"], with_hydra=True)
+    digits = compose_train_config([f"sweep={preset}"], with_hydra=True)
     for cfg in (imagenet, digits):
         assert dict(cfg.hydra.sweeper.params) == {axis: values, "seed": "0,1,2"}
     assert imagenet.model.model_name == "dynamixer_s" and imagenet.data._target_.endswith("ImageFolderDataModule")
@@ -279,7 +272,7 @@ def test_ablation_presets_hold_their_sweep_on_imagenet_and_on_digits(preset: str
 
 
 def test_parallel_launcher_and_optuna_search_compose() -> None:
-    cfg = compose_with_hydra("hydra/launcher=parallel", "sweep=search")
+    cfg = compose_train_config(["hydra/launcher=parallel", "sweep=search"], with_hydra=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "model.drop_path_rate"}

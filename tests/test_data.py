@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import unicodedata
 import warnings
 from pathlib import Path
@@ -17,30 +18,21 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 
 from dynamixer.data import DataError, DigitsDataModule, ImageFolderDataModule, build_transform, load_rgb
 from dynamixer.errors import UserError
+from helpers import WNIDS, write_image_tree
 
-WNIDS = ["n01440764", "n01443537", "n01484850"]
 EVAL_KW = dict(crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def _write_jpeg(path: Path, seed: int, size=(48, 40)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, quality=90)
-
-
-def _make_tree(root: Path, splits=(("train", WNIDS, 4), ("val", WNIDS, 2))) -> Path:
-    seed = 0
-    for split, classes, per_class in splits:
-        for wnid in classes:
-            for i in range(per_class):
-                seed += 1
-                _write_jpeg(root / split / wnid / f"{wnid}_{i}.JPEG", seed)
-    return root
-
-
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    return _make_tree(tmp_path / "imagenet")
+def tree(image_tree: Path) -> Path:
+    return image_tree
+
+
+def train_only(root: Path) -> Path:
+    """A tree with train/ (one image a class) and no val/."""
+    write_image_tree(root, train_per_class=1, val_per_class=0)
+    shutil.rmtree(root / "val")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +109,7 @@ def test_digits_epoch_covers_train_split(digits):
 
 def test_imagefolder_batches(tree):
     dm = ImageFolderDataModule(str(tree), batch_size=4, num_workers=0, img_size=32)
-    assert dm.num_classes == 3 and dm.class_names == WNIDS
+    assert dm.num_classes == 3 and dm.class_names == list(WNIDS)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     assert set(y.tolist()) <= {0, 1, 2}
@@ -135,14 +127,14 @@ def test_imagefolder_missing_data_dir(tmp_path):
 
 
 def test_imagefolder_missing_val(tmp_path):
-    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1),))
+    root = train_only(tmp_path / "d")
     with pytest.raises(DataError) as err:
         ImageFolderDataModule(str(root))
     assert str(root / "val") in str(err.value)
 
 
 def test_imagefolder_split_without_classes(tmp_path):
-    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1),))
+    root = train_only(tmp_path / "d")
     (root / "val").mkdir()
     with pytest.raises(DataError, match="no class folders") as err:
         ImageFolderDataModule(str(root))
@@ -150,8 +142,8 @@ def test_imagefolder_split_without_classes(tmp_path):
 
 
 def test_imagefolder_class_without_images(tree):
-    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG").unlink()
-    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_1.JPEG").unlink()
+    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0000.JPEG").unlink()
+    (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0001.JPEG").unlink()
     (tree / "val" / WNIDS[1] / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match="hold no images") as err:
         ImageFolderDataModule(str(tree))
@@ -159,7 +151,7 @@ def test_imagefolder_class_without_images(tree):
 
 
 def test_imagefolder_differing_classes(tmp_path):
-    root = _make_tree(tmp_path / "d", splits=(("train", WNIDS, 1), ("val", WNIDS[:2] + ["n09999999"], 1)))
+    root = write_image_tree(tmp_path / "d", train_per_class=1, val_per_class=1, val_classes=[*WNIDS[:2], "n09999999"])
     with pytest.raises(DataError, match="different class folders") as err:
         ImageFolderDataModule(str(root))
     assert str(root) in str(err.value) and WNIDS[2] in str(err.value) and "n09999999" in str(err.value)
@@ -167,7 +159,7 @@ def test_imagefolder_differing_classes(tmp_path):
 
 @pytest.fixture
 def truncated(tree) -> Path:
-    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
+    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0000.JPEG"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
@@ -278,8 +270,8 @@ def test_load_rgb_names_the_unreadable_file(tmp_path):
 def bomb(tree, monkeypatch) -> Path:
     """A 200x200 val image while Pillow's limit is lowered to 10000 pixels (it refuses over 20000)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
-    _write_jpeg(path, seed=99, size=(200, 200))
+    path = tree / "val" / WNIDS[0] / f"{WNIDS[0]}_0000.JPEG"
+    Image.fromarray(np.random.default_rng(99).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(path)
     return path
 
 
@@ -305,7 +297,8 @@ def test_decompression_bomb_skipped_and_counted(tree, bomb):
 
 def test_symlink_loop_is_listed_once_and_other_links_followed(tmp_path, tree):
     os.symlink(tree / "train" / WNIDS[0], tree / "train" / WNIDS[0] / "loop")
-    _write_jpeg(tmp_path / "extra" / "more.JPEG", seed=50)
+    (tmp_path / "extra").mkdir()
+    Image.fromarray(np.full((40, 48, 3), 50, dtype=np.uint8)).save(tmp_path / "extra" / "more.JPEG")
     os.symlink(tmp_path / "extra", tree / "train" / WNIDS[1] / "extra")
     dm = ImageFolderDataModule(str(tree), batch_size=2, num_workers=0, img_size=32)
     dm.setup()
@@ -327,7 +320,7 @@ def test_class_folder_with_only_a_symlink_loop_holds_no_images(tree):
 def test_class_names_match_across_unicode_normal_forms(tmp_path):
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
     assert nfc != nfd
-    root = _make_tree(tmp_path / "d", splits=(("train", ["bee", nfc], 2), ("val", ["bee", nfd], 1)))
+    root = write_image_tree(tmp_path / "d", ["bee", nfc], train_per_class=2, val_per_class=1, val_classes=["bee", nfd])
     dm = ImageFolderDataModule(str(root), batch_size=2, num_workers=0, img_size=32)
     assert dm.class_names == ["bee", nfc]
     dm.setup()
@@ -339,7 +332,7 @@ def test_class_names_match_across_unicode_normal_forms(tmp_path):
 
 def test_class_folders_equal_after_normalisation_in_one_split(tmp_path):
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
-    root = _make_tree(tmp_path / "d", splits=(("train", [nfc, nfd], 1), ("val", [nfc], 1)))
+    root = write_image_tree(tmp_path / "d", [nfc, nfd], train_per_class=1, val_per_class=1, val_classes=[nfc])
     with pytest.raises(DataError, match="Unicode") as err:
         ImageFolderDataModule(str(root))
     assert ascii(nfc) in str(err.value) and ascii(nfd) in str(err.value)

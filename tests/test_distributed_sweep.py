@@ -11,11 +11,9 @@ import pytest
 import yaml
 
 from dynamixer.sweep import collect, summarize, swept_keys
-from helpers import run_script
+from helpers import QUIET, run_script
 
 pytestmark = pytest.mark.slow  # trains models or runs the scripts
-
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
 def test_parallel_ddp_sweep_on_cpu_keeps_each_job_in_its_folder_and_survives_a_bad_job(tmp_path: Path) -> None:

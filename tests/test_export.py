@@ -12,9 +12,8 @@ import torch
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.models import create_model
 from dynamixer.run import load_model, train
-from helpers import compose_job_config, compose_train_config
+from helpers import QUIET_FAST, compose_job_config, compose_train_config
 
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
 IMG = compose_train_config().model.img_size  # the default run's image size
 
 
@@ -26,7 +25,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     from dynamixer.run.export import export
 
     root = tmp_path_factory.mktemp("export")
-    train(compose_job_config([*QUIET, "model.segments=2"], root / "run"))
+    train(compose_job_config([*QUIET_FAST, "model.segments=2"], root / "run"))
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
     export(OmegaConf.create({"ckpt_path": str(ckpt), "weights": "ema", "out_dir": str(root / "out"), "onnx": True}))
     return ckpt, root / "out"

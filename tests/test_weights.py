@@ -12,9 +12,8 @@ from safetensors.torch import save_file
 
 from dynamixer.models import create_model, release_key_map
 from dynamixer.run import build, train
-from helpers import compose_job_config, compose_train_config, read_checkpoint, write_image_tree
+from helpers import QUIET, QUIET_FAST, compose_job_config, compose_train_config, read_checkpoint, write_image_tree
 
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "debug=fast"]
 IMG = compose_train_config().model.img_size  # the default run's image size, which the checkpoint is built for
 
 
@@ -22,7 +21,7 @@ IMG = compose_train_config().model.img_size  # the default run's image size, whi
 def checkpoint(tmp_path_factory) -> Path:
     """A real training checkpoint of dynamixer_tiny on digits (10 classes, EMA on)."""
     root = tmp_path_factory.mktemp("pretrain")
-    train(compose_job_config(QUIET, root / "run"))
+    train(compose_job_config(QUIET_FAST, root / "run"))
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -112,7 +111,7 @@ def test_fine_tuning_from_the_other_digits_beats_training_from_scratch(tmp_path:
     """Pre-train on digits 0-4, then the same small budget (20 steps) on digits 5-9 from those weights and
     from scratch. Measured: 0.683 vs 0.439 best val top-1, at 32 px: at the default run's 16 px a model from
     scratch learns these digits in fewer steps, and the gap of this budget narrows (0.800 vs 0.717)."""
-    quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "model.img_size=32"]
+    quiet = [*QUIET, "model.img_size=32"]
     pre = ["data.classes=[0,1,2,3,4]", "trainer.max_epochs=20", "data.train_aug.scale=[0.5,1.0]"]
     train(compose_job_config([*quiet, *pre], tmp_path / "pre"))
     budget = [
