@@ -288,7 +288,7 @@ def test_block_explain_shapes_and_consistency():
     for key in ("mix_h", "mix_w"):
         assert torch.allclose(info[key].sum(dim=-2), torch.ones(()), atol=1e-6)
     assert torch.allclose(info["branch_weights"].sum(-1), torch.ones(()), atol=1e-6)
-    assert torch.allclose(info["mix_h"], block.mix_h.mixing_matrices(x.transpose(1, 2)))
+    assert torch.allclose(info["mix_h"], block.mix_h.mixing_matrices(x))
     other = block.explain(torch.randn(2, 4, 6, 16))
     assert not torch.allclose(info["mix_w"], other["mix_w"], atol=1e-3)
     assert "branch_weights" not in DynaMixerTokenMixer(16, (4, 6), 4, 2, fusion="sum").explain(x)
@@ -501,8 +501,10 @@ def test_block_branches_match_reference_block():
     block = randomize_(DynaMixerTokenMixer(dim=16, resolution=(4, 6), segments=4, reduced_dim=2), std=0.3).eval()
     x = torch.randn(2, 4, 6, 16)
     h, w, c = block.branches(x)
-    # the column op is the row op applied to the transposed grid
-    assert rel_err(h, block.mix_h(x.transpose(1, 2)).transpose(1, 2)) < 1e-6
+    # the column op (tokens along dim 1, read in place) is a row op of its weights on the transposed grid
+    row = DynaMixerOp(dim=16, seq_len=4, segments=4, reduced_dim=2)
+    row.load_state_dict(block.mix_h.state_dict())
+    assert rel_err(h, row(x.transpose(1, 2)).transpose(1, 2)) < 1e-6
     assert rel_err(w, block.mix_w(x)) < 1e-6
     a = block.branch_weights(h, w, c)[:, None, None]
     expected = block.proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])

@@ -56,16 +56,17 @@ torch.fx.wrap("_check_input")
 class DynaMixerOp(nn.Module):
     """Dynamic token mixing along one axis of length `seq_len` (docs/paper.md, section 1).
 
-    Input `(B, L, N, C)`: `L` independent sequences of `N = seq_len` tokens with `C` channels.
-    Output: same shape. The `N x N` mixing matrix of each sequence and segment is generated from
-    the content of all `N` tokens, compressed to `reduced_dim` channels per segment.
+    Input `(B, L, N, C)`: `L` independent sequences of `N = seq_len` tokens with `C` channels (with
+    `token_dim=1`: `(B, N, L, C)`, the tokens along dim 1, e.g. the columns of a `(B, H, W, C)` grid, read
+    in place). Output: the input's shape. The `N x N` mixing matrix of each sequence and segment is
+    generated from the content of all `N` tokens, compressed to `reduced_dim` channels per segment.
 
     `mixing="static"` is the control of the paper's claim: everything stays (segments, softmax over the
     source tokens, the output projection) but each segment's `N x N` logits are learned parameters
     (`static_logits`, `(S, N, N)`) instead of being generated from the tokens.
     """
 
-    __constants__ = ["static"]  # a constant for TorchScript: only one kind of matrices is compiled
+    __constants__ = ["static", "token_dim"]  # constants for TorchScript: only one kind of matrices is compiled
 
     def __init__(
         self,
@@ -74,11 +75,14 @@ class DynaMixerOp(nn.Module):
         segments: int,
         reduced_dim: int,
         mixing: Literal["dynamic", "static"] = "dynamic",
+        token_dim: int = 2,
         device=None,
         dtype=None,
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if token_dim not in (1, 2):
+            raise ValueError(f"token_dim={token_dim}: the tokens are along dim 2 (B, L, N, C) or 1 (B, N, L, C)")
         if dim % segments:
             raise ValueError(
                 f"dimension {dim} is not divisible by segments={segments}: choose a segment count "
@@ -87,7 +91,7 @@ class DynaMixerOp(nn.Module):
         if mixing not in ("dynamic", "static"):
             raise ValueError(f"mixing={mixing!r} is not known: use 'dynamic' (the paper) or 'static' (the control)")
         self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
-        self.static = mixing == "static"
+        self.static, self.token_dim = mixing == "static", token_dim
         if self.static:
             self.static_logits = nn.Parameter(torch.zeros(segments, seq_len, seq_len, **dd))
         else:
@@ -95,27 +99,14 @@ class DynaMixerOp(nn.Module):
             self.generate = nn.Linear(seq_len * reduced_dim, seq_len * seq_len, **dd)
         self.out = nn.Linear(dim, dim, **dd)
 
-    def static_matrices(self, dtype: torch.dtype) -> torch.Tensor:
-        """The learned mixing matrices `(S, N, N)` of `mixing="static"`; they broadcast over `(B, L)`."""
-        return self.static_logits.softmax(dim=-2).to(dtype)
-
-    def matrices(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixing matrices for tokens `x` `(B, L, N, C)`, for `mix`: `(B, L, S, N, N)` generated, or the
-        static `(S, N, N)`."""
-        return self.static_matrices(x.dtype) if self.static else self.mixing_matrices(x)
-
-    def mixing_matrices(self, x: torch.Tensor) -> torch.Tensor:
-        """Mixing matrices `(B, L, S, N, N)` for input `(B, L, N, C)`.
-
-        Entry `[..., s, i, j]` is the weight output token `j` gives to source token `i` in segment
-        `s`; each column sums to 1 (softmax over `i`).
-        """
+    def _matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixing matrices `(B, L, S, N, N)` generated from the tokens `x`, or the static `(S, N, N)`
+        (they broadcast over `(B, L)`)."""
         if self.static:
-            return self.static_matrices(x.dtype).expand(x.shape[0], x.shape[1], -1, -1, -1)
-        return self.generated(self.compress(x))
-
-    def generated(self, z: torch.Tensor) -> torch.Tensor:
-        """Mixing matrices from the compressed tokens `z = compress(x)`, `(B, L, N, S*d)`."""
+            return self.static_logits.softmax(dim=-2).to(x.dtype)
+        z = self.compress(x)  # (B, L, N, S*d), or (B, N, L, S*d): transposed below, a copy of few channels
+        if self.token_dim == 1:
+            z = z.transpose(1, 2)
         B, L, N = z.shape[0], z.shape[1], self.seq_len  # indexed, not unpacked: FX traces it
         # token-major flattening per segment: token 0's d values, then token 1's, ...
         z = z.unflatten(-1, (self.segments, self.reduced_dim)).transpose(2, 3).reshape(B, L, self.segments, -1)
@@ -125,6 +116,18 @@ class DynaMixerOp(nn.Module):
         # (CUDA autocast still runs softmax in fp32; `.to` rounds that for the mix)
         return logits.softmax(dim=-2).to(z.dtype)
 
+    def mixing_matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixing matrices `(B, L, S, N, N)` the forward of tokens `x` uses (static ones expanded).
+
+        Entry `[..., s, i, j]` is the weight output token `j` gives to source token `i` in segment
+        `s`; each column sums to 1 (softmax over `i`).
+        """
+        p = self._matrices(x)
+        if self.static:
+            lines = x.shape[1] if self.token_dim == 2 else x.shape[2]
+            p = p.expand(x.shape[0], lines, -1, -1, -1)
+        return p
+
     def mix(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`Y_s[j] = sum_i P_s[i, j] X_s[i]` for matrices `p` `(B, L, S, N, N)` (or `(S, N, N)`) and tokens `x`
         `(B, L, N, C)` (any strides): `(B, L, N, S, C/S)`, a view of one batched matmul's result."""
@@ -132,11 +135,18 @@ class DynaMixerOp(nn.Module):
         return (p.mT @ xs).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mix(self.matrices(x), x).flatten(-2))
+        if self.token_dim == 1:  # (B, N, L, C) read as (B, L, N, C) views: no copy of x
+            y = self.mix(self._matrices(x), x.transpose(1, 2)).transpose(1, 2)
+        else:
+            y = self.mix(self._matrices(x), x)
+        return self.out(y.flatten(-2))
 
     def extra_repr(self) -> str:
         mixing = "static" if self.static else "dynamic"
-        return f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}, mixing={mixing}"
+        return (
+            f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}, mixing={mixing}, "
+            f"token_dim={self.token_dim}"
+        )
 
 
 class DynaMixerTokenMixer(nn.Module):
@@ -165,7 +175,7 @@ class DynaMixerTokenMixer(nn.Module):
         if fusion not in ("reweight", "sum"):
             raise ValueError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
-        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, **dd)
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, **dd)
         self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, **dd)
         self.mlp_c = nn.Linear(dim, dim, bias=channel_bias, **dd)
         self.reweight = Mlp(dim, dim // 4, dim * 3, **dd) if fusion == "reweight" else None
@@ -175,15 +185,7 @@ class DynaMixerTokenMixer(nn.Module):
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three branch outputs `h, w, c`, each `(B, H, W, C)`."""
         x = _in_autocast_dtype(x)
-        # the column op sees (B, W, H, C) views: no copy of x, only of the small compressed tokens
-        if self.mix_h.static:
-            p_h = self.mix_h.static_matrices(x.dtype)
-        else:
-            p_h = self.mix_h.generated(self.mix_h.compress(x).transpose(1, 2))
-        y_h = self.mix_h.mix(p_h, x.transpose(1, 2)).transpose(1, 2)  # (B, H, W, S, C/S)
-        h = self.mix_h.out(y_h.flatten(-2))
-        w = self.mix_w(x)
-        return h, w, self.mlp_c(x)
+        return self.mix_h(x), self.mix_w(x), self.mlp_c(x)
 
     def branch_weights(self, h: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Re-weighting of the branches: `(B, C, 3)`, softmax over the last axis."""
@@ -209,7 +211,7 @@ class DynaMixerTokenMixer(nn.Module):
         matrices; `branch_weights`: `(B, C, 3)` weights of the h/w/c branches (re-weighting only).
         """
         out = {
-            "mix_h": self.mix_h.mixing_matrices(x.transpose(1, 2)),
+            "mix_h": self.mix_h.mixing_matrices(x),
             "mix_w": self.mix_w.mixing_matrices(x),
         }
         if self.reweight is not None:
