@@ -14,6 +14,8 @@ from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple, trunc_normal
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from dynamixer.errors import ConfigError
+
 __all__ = [
     "DynaMixer",
     "DynaMixerBlock",
@@ -82,14 +84,14 @@ class DynaMixerOp(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if token_dim not in (1, 2):
-            raise ValueError(f"token_dim={token_dim}: the tokens are along dim 2 (B, L, N, C) or 1 (B, N, L, C)")
+            raise ConfigError(f"token_dim={token_dim}: the tokens are along dim 2 (B, L, N, C) or 1 (B, N, L, C)")
         if dim % segments:
-            raise ValueError(
+            raise ConfigError(
                 f"dimension {dim} is not divisible by segments={segments}: choose a segment count "
                 f"that divides {dim} (e.g. one of {_divisors(dim)})"
             )
         if mixing not in ("dynamic", "static"):
-            raise ValueError(f"mixing={mixing!r} is not known: use 'dynamic' (the paper) or 'static' (the control)")
+            raise ConfigError(f"mixing={mixing!r} is not known: use 'dynamic' (the paper) or 'static' (the control)")
         self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
         self.static, self.token_dim = mixing == "static", token_dim
         if self.static:
@@ -173,7 +175,7 @@ class DynaMixerTokenMixer(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if fusion not in ("reweight", "sum"):
-            raise ValueError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
+            raise ConfigError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
         self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, **dd)
         self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, **dd)
@@ -299,7 +301,7 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
         return [value] * n
     value = list(value)
     if len(value) != n:
-        raise ValueError(
+        raise ConfigError(
             f"{name} has {len(value)} entries {value}, but the model has {n} stages: give one value or {n}"
         )
     return value
@@ -307,7 +309,7 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
 
 def _check_pool(global_pool: str) -> str:
     if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
+        raise ConfigError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
     return global_pool
 
 
@@ -321,7 +323,7 @@ def stage_resolutions(
     """Token grid `(H, W)` of every stage, derived from the image size, patch size and transitions."""
     size = to_2tuple(img_size)
     if size[0] % patch_size or size[1] % patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"img_size={tuple(size)} is not divisible by patch_size={patch_size}: use an image size that is "
             f"a multiple of {patch_size} (e.g. {patch_size * max(1, round(size[0] / patch_size))})"
         )
@@ -331,7 +333,7 @@ def stage_resolutions(
         if transition:
             if res[0] % 2 or res[1] % 2:
                 step = patch_size * 2 ** sum(transitions[: i + 1])
-                raise ValueError(
+                raise ConfigError(
                     f"img_size={tuple(size)} gives a {res[0]}x{res[1]} token grid after stage {i}, which the "
                     f"stride-2 transition cannot halve: use an image size that is a multiple of {step}"
                 )
@@ -386,10 +388,10 @@ class DynaMixer(nn.Module):
         mlp_ratio = _per_stage("mlp_ratio", mlp_ratio)
         for name, values in (("segments", segments), ("reduced_dim", reduced_dim)):
             if any(not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name}={values}: each stage needs a positive integer {name}")
+                raise ConfigError(f"{name}={values}: each stage needs a positive integer {name}")
         for i, (dim, s) in enumerate(zip(embed_dims, segments)):
             if dim % s:
-                raise ValueError(
+                raise ConfigError(
                     f"stage {i}: dimension {dim} is not divisible by segments={s}: choose segments that divide "
                     f"each stage's dimension {embed_dims} (for stage {i}: one of {_divisors(dim)})"
                 )
@@ -501,7 +503,7 @@ class DynaMixer(nn.Module):
         `(B, C, H', W')` (`output_fmt="NHWC"`: channels last), and the final normalised tokens
         `(B, H', W', C)` unless `intermediates_only`. `norm` applies the final norm to the last stage's."""
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported: use 'NCHW' or 'NHWC'")
+            raise ConfigError(f"output_fmt={output_fmt!r} is not supported: use 'NCHW' or 'NHWC'")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         _check_input(x, self.img_size)
         x = self.stem(x).permute(0, 2, 3, 1)

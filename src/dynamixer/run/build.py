@@ -18,18 +18,16 @@ from dynamixer.utils.complexity import count_gmacs, count_params
 
 
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, with the errors a config value causes re-raised as user errors:
-    our own clear errors as they are, a `ValueError` of a constructor (a model that cannot be
-    built from these values) as a `ConfigError` with the same message, and a key the constructor does
-    not take (a misspelled `+section.key=...`) as one naming the key and the closest ones it takes."""
+    """`hydra.utils.instantiate`, with the errors a config value causes re-raised as user errors: our own
+    (raised where a value is found wrong) as they are, and a key the constructor does not take (a misspelled
+    `+section.key=...`) as one naming the key and the closest ones it takes. Any other error keeps its
+    traceback: it is a bug, or a library's message we have not learned to explain."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, ValueError):
-            raise ConfigError(str(cause)) from cause
         unknown = isinstance(cause, TypeError) and re.search(r"unexpected keyword argument '(\w+)'", str(cause))
         if unknown and OmegaConf.is_config(node) and unknown.group(1) in node:
             section = node._get_full_key(None)
