@@ -45,20 +45,17 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from chaos_resume import compare, saved_step
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamixer  # noqa: F401  (registers the models with timm)
 from reporting import write_report
@@ -402,72 +399,10 @@ def write_sample_tree(root: Path, classes: int, train_per_class: int, val_per_cl
     return root
 
 
-class HostSyncCounter(L.Callback):
-    """Counts, in the main process, per training step from step `first` on for `steps` steps (whole loop
-    iterations, from one step's start to the next: data fetch, step, logging, callbacks), the host reads of
-    tensors (`aten._local_scalar_dense`: `.item()`, `bool(t)`, ...) and, on CUDA, the synchronizing calls that
-    `torch.cuda.set_sync_debug_mode("warn")` reports; writes `{"host_reads": [...], "cuda_syncs": [...]}` to `out`.
-
-    Added to a train.py run as `+callbacks.host_syncs._target_=gpu_proof.HostSyncCounter` (with this folder on
-    PYTHONPATH)."""
-
-    class _Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    def __init__(self, first: int, steps: int, out: str):
-        self.first, self.steps, self.out = first, steps, Path(out)
-        self.calls, self.reads, self.syncs = 0, [], []
-        self._mode = self._warnings = self._caught = None
-
-    def _syncs_seen(self) -> int:
-        return sum("synchroniz" in str(w.message) for w in self._caught) if self._caught is not None else 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._mode is not None:  # the step that just ended
-            self.reads.append(self._mode.count - sum(self.reads))
-            self.syncs.append(self._syncs_seen() - sum(self.syncs))
-        if self.calls == self.first:
-            self._start(pl_module.device)
-        elif self.calls == self.first + self.steps:
-            self._stop()
-        self.calls += 1
-
-    def on_train_end(self, trainer, pl_module):
-        self._stop()
-
-    def _start(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self._warnings = warnings.catch_warnings(record=True)
-            self._caught = self._warnings.__enter__()
-            warnings.simplefilter("always")  # every sync, not the first of each place
-            torch.cuda.set_sync_debug_mode("warn")
-        self._mode = self._Reads()
-        self._mode.__enter__()
-
-    def _stop(self) -> None:
-        if self._mode is None:
-            return
-        self._mode.__exit__(None, None, None)
-        self._mode = None
-        if self._warnings is not None:
-            torch.cuda.set_sync_debug_mode(0)
-            self._warnings.__exit__(None, None, None)
-        counted = {"host_reads": self.reads, "cuda_syncs": self.syncs if self._warnings is not None else None}
-        self.out.write_text(json.dumps(counted))
-
-
 def start_train(workdir: Path, run_name: str, overrides: list[str]) -> subprocess.Popen:
     """`python train.py run_name=<run_name> ckpt_path=auto <overrides>` in `workdir`, its output in `<run_name>.log`
     there (a file, not a pipe: a pipe nobody reads would block a talkative run)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "DYNAMIXER_TRACES_ASKED")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])  # HostSyncCounter
     command = [sys.executable, str(REPO / "train.py"), f"run_name={run_name}", "ckpt_path=auto", *overrides]
     with open(workdir / f"{run_name}.log", "a") as log:
         return subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -552,7 +487,7 @@ def training_run(args: argparse.Namespace, device: torch.device, out: Path, budg
     counting = [
         *[o for o in overrides if not o.startswith(("trainer.max_steps", "callbacks.last_checkpoint.every"))],
         f"trainer.max_steps={first + counted + 1}",
-        "+callbacks.host_syncs._target_=gpu_proof.HostSyncCounter",
+        "+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter",
         f"+callbacks.host_syncs.first={first}",
         f"+callbacks.host_syncs.steps={counted}",
         f"+callbacks.host_syncs.out={counts_file}",

@@ -349,3 +349,25 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
     history = final["callbacks"]["MetricsHistory"]["history"]
     assert [h["epoch"] for h in history] == list(range(epochs))  # kept across the kill, no epoch twice
     assert history[: e + 1] == saved["callbacks"]["MetricsHistory"]["history"]
+
+
+def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """The default digits run (validation off): counted in its main process (`HostSyncCounter`: every
+    `aten._local_scalar_dense`, i.e. `.item()`, `bool(t)`), a step between two log intervals reads nothing from
+    the device; a step at a log interval (every 10) reads the divergence check's flag and the logged loss.
+    Before: 35 reads a step (torchvision's Normalize checking std per image, the loss in the progress bar,
+    the divergence check every step)."""
+    counts = tmp_path / "reads.json"
+    first, steps = 5, 30  # after the first steps (optimizer state, first logs), 30 steps: three log intervals
+    args = [*QUIET_TRAIN, "trainer.limit_val_batches=0", "trainer.max_epochs=1", "run_name=reads"]
+    args += ["+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter"]
+    args += [f"+callbacks.host_syncs.first={first}", f"+callbacks.host_syncs.steps={steps}"]
+    args += [f"+callbacks.host_syncs.out={counts}"]
+    run_script("train.py", args, cwd=tmp_path)
+    reads = json.loads(counts.read_text())["host_reads"]
+    assert len(reads) == steps, reads
+    # reads[i] belongs to the step that took global step first + i to first + i + 1
+    at_log = {i: n for i, n in enumerate(reads) if (first + i + 1) % 10 == 0}
+    between = [n for i, n in enumerate(reads) if i not in at_log]
+    assert between == [0] * len(between), reads
+    assert all(0 < n <= 3 for n in at_log.values()), reads

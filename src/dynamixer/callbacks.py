@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynamixer import signals
 from dynamixer.errors import CheckpointWriteError, ConfigError
@@ -236,3 +241,64 @@ class MixingFigures(Callback):
                     logger.log_image(key=key, images=[array], step=trainer.global_step)
                 else:
                     logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")
+
+
+class HostSyncCounter(Callback):
+    """Counts, in the main process, per training step from step `first` on for `steps` steps (whole loop
+    iterations, from one step's start to the next: data fetch, step, logging, callbacks), the host reads of
+    tensors (`aten._local_scalar_dense`: `.item()`, `bool(t)`, ...) and, on CUDA, the synchronizing calls that
+    `torch.cuda.set_sync_debug_mode("warn")` reports; writes `{"host_reads": [...], "cuda_syncs": [...]}` to `out`.
+
+    Added to a train.py run as `+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter
+    +callbacks.host_syncs.first=10 +callbacks.host_syncs.steps=50 +callbacks.host_syncs.out=<file>`."""
+
+    class _Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def __init__(self, first: int, steps: int, out: str):
+        self.first, self.steps, self.out = first, steps, Path(out)
+        self.calls, self.reads, self.syncs = 0, [], []
+        self._mode = self._warnings = self._caught = None
+
+    def _syncs_seen(self) -> int:
+        return sum("synchroniz" in str(w.message) for w in self._caught) if self._caught is not None else 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._mode is not None:  # the step that just ended
+            self.reads.append(self._mode.count - sum(self.reads))
+            self.syncs.append(self._syncs_seen() - sum(self.syncs))
+        if self.calls == self.first:
+            self._start(pl_module.device)
+        elif self.calls == self.first + self.steps:
+            self._stop()
+        self.calls += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
+
+    def _start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")  # every sync, not the first of each place
+            torch.cuda.set_sync_debug_mode("warn")
+        self._mode = self._Reads()
+        self._mode.__enter__()
+
+    def _stop(self) -> None:
+        if self._mode is None:
+            return
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._warnings.__exit__(None, None, None)
+        counted = {"host_reads": self.reads, "cuda_syncs": self.syncs if self._warnings is not None else None}
+        self.out.write_text(json.dumps(counted))

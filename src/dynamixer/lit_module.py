@@ -94,6 +94,8 @@ class ImageClassifier(L.LightningModule):
             self.val_ema_acc = accuracy("val/ema_")
             self.val_ema_loss = MeanMetric()
         self._epoch_start, self._epoch_images = 0.0, 0
+        # on the device, the step and value of the first non-finite training loss (step -1: none yet)
+        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def validation_metrics(self) -> list[str]:
         """The names of the metrics each validation logs (what a checkpoint callback may monitor)."""
@@ -118,23 +120,47 @@ class ImageClassifier(L.LightningModule):
             x, y = self.mixup_fn(x, y)
         # the loss in fp32: CPU autocast leaves log-softmax in bf16, whose 8-bit mantissa rounds the loss
         loss = self.train_loss_fn(self.model(x).float(), y)
-        self._stop_if_diverged(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self._note_if_nonfinite(loss)
+        # not in the progress bar: Lightning would read it back from the device after every step
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self._epoch_images += x.shape[0]
         return loss
 
-    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
-        """Stop before a non-finite loss reaches the weights, the EMA or a checkpoint (on every rank at once)."""
-        finite = bool(torch.isfinite(loss))
+    def _note_if_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep, on the device and without waiting for it, the step and value of the first non-finite loss."""
+        loss = loss.detach()
+        if self._nonfinite is None or self._nonfinite[0].device != loss.device:
+            self._nonfinite = (torch.full((), -1, device=loss.device), torch.zeros((), device=loss.device))
+        step, value = self._nonfinite
+        first = (step < 0) & ~torch.isfinite(loss)
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, loss, value))
+
+    def stop_if_diverged(self) -> None:
+        """Raise `DivergenceError` on every rank if any rank has had a non-finite training loss: one read of the
+        device (and one all-reduce under DDP). Called at each log interval, before every checkpoint is written
+        and at the end of training, so a diverged state is never saved; the steps in between train on (their
+        weights are never kept), and the step that diverged is named."""
+        if self._nonfinite is None:
+            return
+        step = int(self._nonfinite[0])
+        diverged = step >= 0
         if self._trainer is not None:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            where = f"is {float(self._nonfinite[1])} at step {step}" if step >= 0 else "is not finite on another rank"
             raise DivergenceError(
-                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): "
-                "training stopped, the last checkpoint holds the last finite state. Try a lower optimizer.lr, "
-                "a longer scheduler.warmup_epochs, trainer.gradient_clip_val=1.0 or trainer.precision=bf16-mixed "
-                "instead of 16-mixed; resume with ckpt_path=auto"
+                f"the training loss {where} (stopped at step {self.global_step}, epoch {self.current_epoch}): the "
+                "last checkpoint holds the last finite state. Try a lower optimizer.lr, a longer "
+                "scheduler.warmup_epochs, trainer.gradient_clip_val=1.0 or trainer.precision=bf16-mixed instead "
+                "of 16-mixed; resume with ckpt_path=auto"
             )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
+
+    def on_train_end(self) -> None:
+        self.stop_if_diverged()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -171,6 +197,7 @@ class ImageClassifier(L.LightningModule):
             self.log_dict(self.val_ema_acc, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.stop_if_diverged()  # before anything of a diverged state is written
         # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
         # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
         checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from timm.data import create_transform
 from torchvision import transforms as T
 
@@ -20,6 +21,31 @@ TRAIN_AUG_KEYS = frozenset(
         "train_interpolation",
     }
 )
+
+
+class Normalize(T.Normalize):
+    """torchvision's `Normalize` (the same arithmetic, in place on its copy) with `std` checked once, not on
+    every image: torchvision's test of `std == 0` is a host read per image, in the main process when the
+    loader has no workers. `(C, H, W)` float tensor in and out."""
+
+    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, inplace=False):
+        super().__init__(mean, std, inplace)
+        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        if (self._std == 0).any():
+            raise ValueError(f"std={std} holds a zero: normalising would divide by it")
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        mean, std = self._mean.to(tensor.dtype), self._std.to(tensor.dtype)
+        return (tensor if self.inplace else tensor.clone()).sub_(mean).div_(std)
+
+
+def _with_our_normalize(transform: T.Compose) -> T.Compose:
+    """`transform` with each of torchvision's `Normalize` replaced by ours (the same values)."""
+    transform.transforms = [
+        Normalize(t.mean, t.std, t.inplace) if type(t) is T.Normalize else t for t in transform.transforms
+    ]
+    return transform
 
 
 def build_transform(
@@ -52,30 +78,34 @@ def build_transform(
     mean = tuple(float(m) for m in mean)
     std = tuple(float(s) for s in std)
     if not is_training:
-        return create_transform(
-            int(img_size),
-            is_training=False,
-            crop_pct=float(crop_pct),
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
+        return _with_our_normalize(
+            create_transform(
+                int(img_size),
+                is_training=False,
+                crop_pct=float(crop_pct),
+                interpolation=interpolation,
+                mean=mean,
+                std=std,
+            )
         )
     if isinstance(color_jitter, Sequence):
         color_jitter = tuple(float(c) for c in color_jitter)
-    return create_transform(
-        int(img_size),
-        is_training=True,
-        scale=tuple(float(s) for s in scale),
-        ratio=tuple(float(r) for r in ratio),
-        hflip=float(hflip),
-        auto_augment=auto_augment or None,
-        color_jitter=color_jitter or None,  # 0 means off, not ColorJitter(0, 0, 0)
-        re_prob=float(re_prob),
-        re_mode=re_mode,
-        re_count=int(re_count),
-        interpolation=train_interpolation,
-        mean=mean,
-        std=std,
+    return _with_our_normalize(
+        create_transform(
+            int(img_size),
+            is_training=True,
+            scale=tuple(float(s) for s in scale),
+            ratio=tuple(float(r) for r in ratio),
+            hflip=float(hflip),
+            auto_augment=auto_augment or None,
+            color_jitter=color_jitter or None,  # 0 means off, not ColorJitter(0, 0, 0)
+            re_prob=float(re_prob),
+            re_mode=re_mode,
+            re_count=int(re_count),
+            interpolation=train_interpolation,
+            mean=mean,
+            std=std,
+        )
     )
 
 
@@ -88,6 +118,6 @@ def padded_crop_transform(img_size: int, mean: Sequence[float], std: Sequence[fl
             T.RandomCrop(img_size, padding=img_size // 8),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            T.Normalize(tuple(mean), tuple(std)),
+            Normalize(tuple(mean), tuple(std)),
         ]
     )
