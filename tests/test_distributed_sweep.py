@@ -172,7 +172,9 @@ def test_a_sweep_preset_runs_side_by_side_in_fast_debug_mode(tmp_path: Path) -> 
     each with half of the cores, and the summary holds both settings."""
     run_script(
         "train.py",
-        ["-m", "sweep=mixing", "seed=0", "hydra/launcher=parallel", "debug=fast", "run_name=preset", *QUIET],
+        # 40 steps an epoch: each job runs for seconds, longer than the second worker takes to start
+        ["-m", "sweep=mixing", "seed=0", "hydra/launcher=parallel", "debug=fast", "trainer.limit_train_batches=40"]
+        + ["run_name=preset", *QUIET],
         tmp_path,
     )
     sweep = tmp_path / "logs" / "train" / "multiruns" / "preset"

@@ -54,8 +54,9 @@ def checkpoint(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def digits(workdir) -> tuple[Path, list[Path], list[int]]:
-    """The first validation digits as PNG files (32x32 RGB, as the data module makes them): folder, files, labels."""
-    datamodule = DigitsDataModule()
+    """The first validation digits as PNG files (32x32 RGB, twice the model's size: predict.py resizes them):
+    folder, files, labels."""
+    datamodule = DigitsDataModule(img_size=32)
     datamodule.setup()
     folder = workdir / "digits"
     folder.mkdir()

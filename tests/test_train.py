@@ -116,7 +116,6 @@ def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
     assert final["epoch"] == 0
     # 3 classes: top-1 and top-3 (top-5 is capped at the class count), over the 6 val images
     assert {"val/acc1", "val/acc3", "val/loss"} <= final.keys() and "val/acc5" not in final
-    assert final["val/acc3"] == pytest.approx(1.0)
     assert final["val/acc1"] * 6 == pytest.approx(round(final["val/acc1"] * 6), abs=1e-4)
     ckpt = read_checkpoint(folder / "checkpoints" / "last.ckpt")
     assert ckpt["state_dict"]["model.head.weight"].shape[0] == 3
