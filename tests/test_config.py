@@ -78,12 +78,14 @@ def test_data_configs_state_the_same_defaults_as_their_classes(option: str) -> N
     differ = [
         (key, value, defaults.get(key, "no default"))
         for key, value in stated.items()
-        if key != "train_aug" and not (isinstance(value, str) and "${" in value) and value != plain(defaults.get(key))
+        if key != "train_aug"
+        and not (isinstance(value, str) and "${" in value)
+        and (key not in defaults or value != plain(defaults[key]))
     ]
     differ += [
         (f"train_aug.{key}", value, default_aug.get(key, "no default"))
         for key, value in (stated.get("train_aug") or {}).items()
-        if value != plain(default_aug.get(key))
+        if key not in default_aug or value != plain(default_aug[key])
     ]
     assert differ == [], f"conf/data/{option}.yaml and {cls.__name__}'s defaults disagree: {differ}"
 

@@ -24,9 +24,12 @@ def imported(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "dynamixer":
+            names = [f"dynamixer.{a.name}" for a in node.names]  # from dynamixer import signals
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        found |= {n.split(".")[1] for n in names if n.startswith("dynamixer.") and n.count(".") >= 1}
+        assert not (isinstance(node, ast.ImportFrom) and node.level > 1), f"{path}: import from above its package"
+        found |= {n.split(".")[1] for n in names if n.startswith("dynamixer.")}
     return found
 
 

@@ -446,3 +446,22 @@ def test_compile_is_for_fitting_only_evaluation_stays_eager(tmp_path):
     data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, NUM_CLASSES, (8,)))
     metrics = trainer(tmp_path).validate(module, DataLoader(data, batch_size=8), verbose=False)
     assert module.model._compiled_call_impl is None and 0 <= metrics[0]["val/acc1"] <= 1
+
+
+def test_no_checkpoint_of_a_diverged_state_is_written() -> None:
+    """The divergence flag stays on the device between checks; a save checks it and the weights (raw and EMA):
+    a non-finite loss, or a finite loss whose step left a non-finite weight, stops the save with the step."""
+    from dynamixer.errors import DivergenceError
+
+    module = make_module(optimizer=partial(torch.optim.SGD, lr=0.1), ema_decay=0.9)
+    module._note_if_nonfinite(torch.tensor(1.0))
+    module.on_save_checkpoint({})  # finite loss and weights: saved
+    with torch.no_grad():
+        next(module.model.parameters())[0] = float("inf")  # e.g. an overflowing gradient's update
+    with pytest.raises(DivergenceError, match="weights are not"):
+        module.on_save_checkpoint({})
+    module = make_module(optimizer=partial(torch.optim.SGD, lr=0.1))
+    module._note_if_nonfinite(torch.tensor(float("nan")))
+    module._note_if_nonfinite(torch.tensor(2.0))  # the first non-finite one is named, not the last
+    with pytest.raises(DivergenceError, match=r"loss is nan at step 0"):
+        module.on_save_checkpoint({})

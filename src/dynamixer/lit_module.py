@@ -135,19 +135,25 @@ class ImageClassifier(L.LightningModule):
         first = (step < 0) & ~torch.isfinite(loss)
         self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, loss, value))
 
-    def stop_if_diverged(self) -> None:
-        """Raise `DivergenceError` on every rank if any rank has had a non-finite training loss: one read of the
-        device (and one all-reduce under DDP). Called at each log interval, before every checkpoint is written
-        and at the end of training, so a diverged state is never saved; the steps in between train on (their
-        weights are never kept), and the step that diverged is named."""
+    def stop_if_diverged(self, weights: bool = False) -> None:
+        """Raise `DivergenceError` on every rank if any rank has had a non-finite training loss (with `weights`:
+        or holds a non-finite weight, raw or EMA: a finite loss with overflowing gradients): one read of the
+        device (and one all-reduce under DDP). Called at each log interval, with `weights` before every
+        checkpoint is written, and at the end of training, so a diverged state is never saved; the steps in
+        between train on (their weights are never kept), and the step that diverged is named."""
         if self._nonfinite is None:
             return
         step = int(self._nonfinite[0])
-        diverged = step >= 0
+        finite_weights = not weights or bool(
+            torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+        )
+        diverged = step >= 0 or not finite_weights
         if self._trainer is not None:
             diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if diverged:
             where = f"is {float(self._nonfinite[1])} at step {step}" if step >= 0 else "is not finite on another rank"
+            if step < 0 and not finite_weights:
+                where = f"was finite, but the weights are not at step {self.global_step} (overflowing gradients)"
             raise DivergenceError(
                 f"the training loss {where} (stopped at step {self.global_step}, epoch {self.current_epoch}): the "
                 "last checkpoint holds the last finite state. Try a lower optimizer.lr, a longer "
@@ -156,7 +162,8 @@ class ImageClassifier(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        every = self.trainer.log_every_n_steps  # 0: no logging (then only saves and the end check)
+        if every and self.global_step % every == 0:
             self.stop_if_diverged()
 
     def on_train_end(self) -> None:
@@ -197,7 +204,7 @@ class ImageClassifier(L.LightningModule):
             self.log_dict(self.val_ema_acc, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.stop_if_diverged()  # before anything of a diverged state is written
+        self.stop_if_diverged(weights=True)  # before anything of a diverged state is written
         # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
         # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
         checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT

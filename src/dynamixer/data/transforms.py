@@ -30,13 +30,15 @@ class Normalize(T.Normalize):
 
     def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, inplace=False):
         super().__init__(mean, std, inplace)
-        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        # float64, as torchvision's python floats: converted to the image's dtype once, as it converts them
+        self._mean = torch.as_tensor(mean, dtype=torch.float64).view(-1, 1, 1)
+        self._std = torch.as_tensor(std, dtype=torch.float64).view(-1, 1, 1)
         if (self._std == 0).any():
             raise ValueError(f"std={std} holds a zero: normalising would divide by it")
 
     def forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean.to(tensor.dtype), self._std.to(tensor.dtype)
+        mean = self._mean.to(tensor.device, tensor.dtype)
+        std = self._std.to(tensor.device, tensor.dtype)
         return (tensor if self.inplace else tensor.clone()).sub_(mean).div_(std)
 
 

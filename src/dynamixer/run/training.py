@@ -191,6 +191,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     os.environ[RESUME_FROM] = ckpt_path or ""
     extended = check_resume_config(ckpt_path, cfg) if ckpt_path else None
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)  # before the run config is stored anywhere
+    provenance()  # read now (and kept): the code this start runs, whatever changes in the checkout later
     if is_first_process():
         claim_run_folder(cfg, resuming=ckpt_path is not None or cfg.get("ckpt_path") == "auto")
         record_config(cfg)
