@@ -23,7 +23,7 @@ that would overrun `--budget-s` is recorded as skipped, with the reason):
   (goal: at least 1.3x).
 
     python benchmarks/gpu_proof.py --out benchmarks/results/gpu_proof          # a CUDA device, at most 8 minutes
-    python benchmarks/gpu_proof.py --device cpu --tiny --out /tmp/gpu_proof     # every section, tiny sizes, CPU
+    python benchmarks/gpu_proof.py --device cpu --tiny --out gpu_proof_cpu         # every section, tiny sizes, CPU
 
 `--tiny` shrinks everything (28/32 px images, batch 2; the training runs: 30 steps of the experiment with
 `model=dynamixer_tiny`; the compiled rows and parity: `dynamixer_tiny` only, compiled with `aot_eager`, as a CPU
