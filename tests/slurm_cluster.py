@@ -262,6 +262,19 @@ class SlurmCluster:
                     pids.append(int(entry.name))
         return pids
 
+    def task_pid(self, job_id: str, rank: int) -> int | None:
+        """The Python process of task `rank` (SLURM_PROCID) of a running job of this cluster (its nodes are
+        this machine), or None."""
+        wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and wanted <= set(_environ(int(entry.name)).split(b"\0")):
+                try:
+                    if b"python" in (entry / "cmdline").read_bytes():
+                        return int(entry.name)
+                except OSError:  # ended meanwhile
+                    continue
+        return None
+
     # the daemons
 
     def _start_munged(self, timeout: float) -> None:

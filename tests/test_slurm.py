@@ -128,21 +128,6 @@ def signal_job(cluster: SlurmCluster, job_id: str) -> None:
     cluster.run(["scancel", "--signal=USR2", job_id])
 
 
-def task_pid(job_id: str, rank: int) -> int | None:
-    """The process id of task `rank` (SLURM_PROCID) of a running job: its Python process (both nodes are
-    this machine)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or b"python" not in (proc / "cmdline").read_bytes():
-                continue
-            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
-        except OSError:  # ended meanwhile
-            continue
-        if env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == str(rank).encode():
-            return int(proc.name)
-    return None
-
-
 def training_state_of(job_dir: Path) -> dict[str, torch.Tensor]:
     return training_state(job_dir / "checkpoints" / "last.ckpt")
 
@@ -359,7 +344,7 @@ def test_ddp_across_two_nodes_survives_a_requeue_and_a_killed_task_and_ends_bit_
     assert chaos.results()["status"] == "interrupted", where
     slurm_cluster.run(["scontrol", "update", f"jobid={chaos.job_id}", "StartTime=now"])
     chaos.wait_for(f"step {kill_at}", lambda: max(chaos.steps(), default=-1) >= kill_at)
-    pid = task_pid(chaos.job_id, 1)
+    pid = slurm_cluster.task_pid(chaos.job_id, 1)
     assert pid is not None, where
     os.kill(pid, signal.SIGKILL)
     out = chaos.output()
