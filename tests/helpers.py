@@ -178,6 +178,33 @@ def write_image_tree(
     return root
 
 
+def write_photo_tree(
+    root: str | os.PathLike, classes: Sequence[str] = WNIDS, train_per_class: int = 4, val_per_class: int = 2
+) -> Path:
+    """An ImageNet-layout tree `root/{train,val}/<wnid>/*.JPEG` of real images: class `c` holds
+    scikit-learn's handwritten digit `c` (upscaled to 40x48), every third image a crop of one of its sample
+    photos instead (`load_sample_images`); file names are unique across the tree."""
+    from sklearn.datasets import load_digits, load_sample_images
+
+    root = Path(root)
+    digits, photos = load_digits(), load_sample_images().images
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(classes):
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            of_class = digits.images[digits.target == c % 10]
+            for i in range(per_class):
+                if i % 3 == 2:
+                    photo = photos[(c + i) % 2]
+                    y, x = 37 * (c * 7 + i) % (photo.shape[0] - 48), 53 * (c * 5 + i) % (photo.shape[1] - 40)
+                    img = Image.fromarray(photo[y : y + 48, x : x + 40])
+                else:
+                    pixels = (of_class[(i + (split == "val") * 50) % len(of_class)] * 255 / 16).astype(np.uint8)
+                    img = Image.fromarray(pixels).resize((40, 48), Image.Resampling.BICUBIC).convert("RGB")
+                img.save(folder / f"{wnid}_{split}_{i:04d}.JPEG", quality=90)
+    return root
+
+
 def compose_train_config(
     overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None, with_hydra: bool = False
 ):

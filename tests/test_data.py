@@ -145,8 +145,9 @@ def test_imagefolder_class_without_images(tree):
     (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0000.JPEG").unlink()
     (tree / "val" / WNIDS[1] / f"{WNIDS[1]}_0001.JPEG").unlink()
     (tree / "val" / WNIDS[1] / "notes.txt").write_text("not an image")
+    dm = ImageFolderDataModule(str(tree))  # the class folders are read here, their files listed in setup
     with pytest.raises(DataError, match="hold no images") as err:
-        ImageFolderDataModule(str(tree))
+        dm.setup()
     assert str(tree / "val") in str(err.value) and WNIDS[1] in str(err.value)
 
 
@@ -312,8 +313,9 @@ def test_class_folder_with_only_a_symlink_loop_holds_no_images(tree):
     for image in (tree / "val" / WNIDS[2]).iterdir():
         image.unlink()
     os.symlink(tree / "val" / WNIDS[2], tree / "val" / WNIDS[2] / "loop")
+    dm = ImageFolderDataModule(str(tree))  # the class folders are read here, their files listed in setup
     with pytest.raises(DataError, match="hold no images") as err:
-        ImageFolderDataModule(str(tree))
+        dm.setup()
     assert WNIDS[2] in str(err.value)
 
 

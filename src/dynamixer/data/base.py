@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +16,26 @@ from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError
 from dynamixer.lightning_internals import batches_done
+
+
+def rank_zero_first(work: Callable[[], None]) -> None:
+    """Run `work` on rank 0 of a distributed run (or in a single process) while the other ranks wait: a listing
+    or a cache that one rank makes and all read. A `DataError` it raises stops every rank with its message."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    error: DataError | None = None
+    if rank == 0:
+        try:
+            work()
+        except DataError as err:
+            error = err
+    if distributed:
+        message = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            raise DataError(message[0])
+    if error is not None:
+        raise error
 
 
 class InMemoryImages(Dataset):
@@ -110,25 +129,6 @@ class ClassificationDataModule(LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set = self._build_datasets()
-            self._check_same_on_every_rank()
-
-    def _check_same_on_every_rank(self) -> None:
-        """Under DDP every rank listed the data itself: all compare what they found and stop together, with
-        one message, if any rank sees another data set (a file system that changed between the listings)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        listing = [self.class_names, len(self.train_set), len(self.val_set)]
-        for dataset in (self.train_set, self.val_set):
-            listing.append([path for path, _ in getattr(dataset, "samples", [])])
-        digest = hashlib.sha256(repr(listing).encode()).hexdigest()
-        found: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(found, (digest, len(self.train_set), len(self.val_set)))
-        if len({d for d, _, _ in found}) > 1:
-            sizes = ", ".join(f"rank {r}: {t} train / {v} val" for r, (_, t, v) in enumerate(found))
-            raise DataError(
-                f"the ranks listed different data sets ({sizes}): the data changed while the run started, or the "
-                "ranks see different copies. Give every rank the same data (data.data_dir) and start again"
-            )
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(

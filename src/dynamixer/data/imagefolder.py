@@ -1,11 +1,11 @@
-"""ImageNet-style folder data: ``data_dir/{train,val}/<class>/<image>``."""
+"""ImageNet-style folder data: ``data_dir/{train,val}/<class>/<image>``, or the official flat ``val/``."""
 
 from __future__ import annotations
 
 import os
 import unicodedata
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,34 +14,15 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from dynamixer.data.base import ClassificationDataModule
+from dynamixer.data.base import ClassificationDataModule, rank_zero_first
+from dynamixer.data.file_index import FileIndex, images_under
 from dynamixer.data.images import load_rgb
+from dynamixer.data.val_labels import SEARCHED, find_label_file, read_val_labels
 from dynamixer.errors import DataError
 
 SPLITS = ("train", "val")
 _VERIFY_CHUNK = 256  # files per verify task, so ImageNet's 1.3M files do not become 1.3M pending futures
 _VERIFY_LISTED = 20
-
-
-def _image_files(directory: str) -> Iterator[str]:
-    """Image files under ``directory`` in sorted order, following symlinked folders.
-
-    Each real folder is read once, so a symlink loop neither recurses forever nor lists an image twice.
-    """
-    visited = set()
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:
-            dirs.clear()
-            continue
-        visited.add(real)
-        dirs.sort()
-        yield from (os.path.join(root, f) for f in sorted(files) if has_file_allowed_extension(f, IMG_EXTENSIONS))
-
-
-def _has_image(directory: str) -> bool:
-    """True if ``directory`` (searched recursively, stopping at the first hit) holds an image file."""
-    return next(_image_files(directory), None) is not None
 
 
 def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
@@ -55,23 +36,28 @@ def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
     return bad
 
 
-def _scan_split(split_dir: Path) -> dict[str, str]:
-    """Class name (NFC-normalised) -> its folder name on disk, sorted by class name, for one split.
+def _describe(folder: Path) -> str:
+    """What `folder` holds, for a message: a few of its entries, or that it is missing or empty."""
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
+    return f"{folder} holds {', '.join(names[:8]) or 'nothing'}{more}"
 
-    Raises ``DataError`` if the split is missing, has no class folders, has a class folder without
-    images, or has two folders that differ only in Unicode normalisation.
+
+def _class_folders(split_dir: Path) -> dict[str, str]:
+    """Class name (NFC-normalised) -> its folder name on disk, sorted by class name, for one split: its
+    top-level folders (one listing of the split folder; their images are listed by the file index).
+
+    Raises ``DataError`` if the split has no class folders or two folders that differ only in Unicode
+    normalisation.
     """
-    if not split_dir.is_dir():
-        raise DataError(
-            f"missing split folder {split_dir}. Expected the ImageNet layout "
-            f"{split_dir.parent}/{{train,val}}/<class>/<image>; create it or point data_dir at the right folder."
-        )
     with os.scandir(split_dir) as entries:
         folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise DataError(
-            f"no class folders in {split_dir}. Put each class's images in its own subfolder, "
-            f"e.g. {split_dir}/n01440764/*.JPEG."
+            f"no class folders in {split_dir} ({_describe(split_dir)}). Put each class's images in its own "
+            f"subfolder, e.g. {split_dir}/n01440764/*.JPEG."
         )
     classes: dict[str, str] = {}
     for folder in folders:
@@ -82,36 +68,37 @@ def _scan_split(split_dir: Path) -> dict[str, str]:
                 f"Unicode normal forms ({classes[name]!a} vs {folder!a}). Merge them into one folder."
             )
         classes[name] = folder
-    classes = dict(sorted(classes.items()))
-    empty = [c for c, folder in classes.items() if not _has_image(str(split_dir / folder))]
-    if empty:
-        raise DataError(
-            f"{len(empty)} class folder(s) under {split_dir} hold no images "
-            f"(extensions {', '.join(IMG_EXTENSIONS)}), e.g. {empty[:5]}. Add images or remove those folders."
-        )
-    return classes
+    return dict(sorted(classes.items()))
+
+
+def _is_flat(split_dir: Path) -> bool:
+    """True for ImageNet's official validation folder: image files at its top, no class folders."""
+    with os.scandir(split_dir) as entries:
+        found = [(e.is_dir(), has_file_allowed_extension(e.name, IMG_EXTENSIONS)) for e in entries]
+    return any(image for _, image in found) and not any(folder for folder, _ in found)
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` with a fixed class list, a loop-safe file listing and checked decoding.
+    """torchvision ``ImageFolder`` over a given listing, with checked decoding.
 
-    ``folders`` maps each class name, in label order, to its folder under ``root``.
-    Items are ``(tensor (3, H, W), label)``, decoded by ``load_rgb``. A file that cannot be decoded raises
-    ``DataError`` naming it; with ``skip_corrupt=True`` it is instead warned about,
-    recorded in ``corrupt_files`` and replaced by the next readable sample (so a
-    batch may hold a duplicate). ``corrupt_files`` is this process's; each skipped file is also appended to
+    ``classes`` are the class names in label order, ``samples`` the ``(path, label)`` pairs (from the file
+    index, ``dynamixer.data.file_index``). Items are ``(tensor (3, H, W), label)``, decoded by ``load_rgb``.
+    A file that cannot be decoded raises ``DataError`` naming it; with ``skip_corrupt=True`` it is instead
+    warned about, recorded in ``corrupt_files`` and replaced by the next readable sample (so a batch may hold
+    a duplicate). ``corrupt_files`` is this process's; each skipped file is also appended to
     ``corrupt_log`` when given, a line a file, so what loader workers and other ranks find is counted too.
     """
 
     def __init__(
         self,
         root: str,
-        folders: Mapping[str, str],
+        classes: list[str],
+        samples: list[tuple[str, int]],
         transform: Callable,
         skip_corrupt: bool,
         corrupt_log: str | os.PathLike | None = None,
     ) -> None:
-        self._folders = dict(folders)
+        self._listing = list(classes), list(samples)
         super().__init__(root, transform=transform, loader=load_rgb)
         self.skip_corrupt = skip_corrupt
         self.corrupt_log = corrupt_log
@@ -125,16 +112,11 @@ class CheckedImageFolder(ImageFolder):
                 log.write("".join(f"{path}\n" for path in paths))
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = list(self._folders)
+        classes = self._listing[0]
         return classes, {c: i for i, c in enumerate(classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], **_: Any) -> list[tuple[str, int]]:
-        # torchvision's extension arguments are ignored: the listing always keeps IMG_EXTENSIONS
-        return [
-            (path, class_to_idx[name])
-            for name, folder in self._folders.items()
-            for path in _image_files(os.path.join(directory, folder))
-        ]
+        return self._listing[1]
 
     def drop(self, paths: Collection[str]) -> None:
         """Remove ``paths`` from the samples and record them in ``corrupt_files``."""
@@ -161,15 +143,17 @@ class CheckedImageFolder(ImageFolder):
 
 
 class ImageFolderDataModule(ClassificationDataModule):
-    """ImageNet-1K layout ``data_dir/train/<wnid>/*.JPEG`` and ``data_dir/val/<wnid>/*.JPEG``.
+    """ImageNet-1K as folders: ``data_dir/train/<wnid>/*.JPEG`` and either ``data_dir/val/<wnid>/*.JPEG`` or
+    the official flat ``data_dir/val/*.JPEG`` with its label file (``dynamixer.data.val_labels``: Kaggle's
+    ``LOC_val_solution.csv`` or the devkit's ground truth, found beside the data or given as ``val_labels``).
 
-    The folder tree is checked at construction (both splits exist, hold class
-    folders with images, and name the same classes) so ``num_classes`` is known
-    before the model is built; file lists are read in ``setup``. Class names are the
-    NFC forms of the folder names (so a split may spell one in NFD); labels index
-    their sorted list. See ``CheckedImageFolder`` for ``skip_corrupt``. With
-    ``verify=True``, ``setup`` decodes every file once with ``max(1, num_workers)``
-    threads and raises one ``DataError`` listing the unreadable ones, or, with
+    The class folders are read at construction (one listing of each split folder), so ``num_classes`` is
+    known before the model is built. Their files are listed in ``setup`` into the file index
+    (``dynamixer.data.file_index``): with ``index_file`` set, rank 0 lists them once and writes it, every
+    rank and every restart reads it, and a restart refuses a data set that changed. Class names are the NFC
+    forms of the folder names (so a split may spell one in NFD); labels index their sorted list. See
+    ``CheckedImageFolder`` for ``skip_corrupt``. With ``verify=True``, ``setup`` decodes every file once with
+    ``max(1, num_workers)`` threads and raises one ``DataError`` listing the unreadable ones, or, with
     ``skip_corrupt=True``, drops them from the samples up front with a warning.
     """
 
@@ -183,6 +167,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         skip_corrupt: bool = False,
         verify: bool = False,
         corrupt_log: str | None = None,
+        index_file: str | None = None,
+        val_labels: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})
@@ -190,22 +176,43 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.skip_corrupt = bool(skip_corrupt)
         self.corrupt_log = corrupt_log
         self.verify = bool(verify)
+        self.index_file = None if index_file is None else Path(index_file).expanduser().absolute()
+        expected = (
+            "Expected train/<class>/<image> and either val/<class>/<image> or ImageNet's flat val/<image> with "
+            "LOC_val_solution.csv or the devkit beside it (data.val_labels=<file>). Parquet shards or a "
+            "save_to_disk folder: data=hf; WebDataset tar shards: data=wds"
+        )
         if not self.data_dir.is_dir():
             raise DataError(
-                f"data_dir {self.data_dir} does not exist or is not a folder. Set data_dir to the "
-                "dataset root holding train/ and val/ (ImageNet layout train/<wnid>/*.JPEG)."
+                f"data_dir {self.data_dir} does not exist or is not a folder. Set data_dir to the data set's root "
+                "(ImageNet layout: train/<wnid>/*.JPEG and val/)"
             )
-        self._folders = {s: _scan_split(self.data_dir / s) for s in SPLITS}
-        train_classes, val_classes = (list(self._folders[s]) for s in SPLITS)
-        if train_classes != val_classes:
-            only_train = sorted(set(train_classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(train_classes))
+        missing = [str(self.data_dir / s) for s in SPLITS if not (self.data_dir / s).is_dir()]
+        if missing:
+            raise DataError(f"missing split folder {' and '.join(missing)}: {_describe(self.data_dir)}. {expected}")
+        self._folders = {"train": _class_folders(self.data_dir / "train")}
+        self._classes = list(self._folders["train"])
+        self.val_labels: Path | None = None
+        val_dir = self.data_dir / "val"
+        if val_labels is not None or _is_flat(val_dir):
+            self.val_labels = Path(val_labels).expanduser().absolute() if val_labels else find_label_file(self.data_dir)
+            if self.val_labels is None or not self.val_labels.is_file():
+                raise DataError(
+                    f"{val_dir} holds images without class folders (ImageNet's official validation layout), but "
+                    f"no label file was found ({self.val_labels or ', '.join(SEARCHED)} beside the data). "
+                    "Give data.val_labels=<LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt>"
+                )
+            return
+        self._folders["val"] = _class_folders(val_dir)
+        val_classes = list(self._folders["val"])
+        if self._classes != val_classes:
+            only_train = sorted(set(self._classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(self._classes))
             raise DataError(
                 f"train/ and val/ under {self.data_dir} have different class folders "
-                f"({len(train_classes)} vs {len(val_classes)}): only in train {only_train[:5]}, "
+                f"({len(self._classes)} vs {len(val_classes)}): only in train {only_train[:5]}, "
                 f"only in val {only_val[:5]}. Both splits must contain the same class folders."
             )
-        self._classes = train_classes
 
     @property
     def class_names(self) -> list[str]:
@@ -228,10 +235,76 @@ class ImageFolderDataModule(ClassificationDataModule):
     def corrupt_count(self) -> int:
         return len(self.corrupt_files)
 
+    def _file_index(self) -> FileIndex:
+        """The listing of both splits: built, or (with ``index_file``) read and checked on rank 0 first."""
+        roots = {split: self.data_dir / split for split in SPLITS}
+        if self.index_file is None:
+            return FileIndex.build(roots)
+        path, made = self.index_file, []
+
+        def on_rank_zero() -> None:
+            if path.is_file():
+                index = FileIndex.read(path)
+                if set(index.splits) != set(SPLITS):
+                    raise DataError(
+                        f"{path} is the index of another data set (splits {sorted(index.splits)}). "
+                        "Delete it to list this one, or set data.index_file to another file"
+                    )
+                if index.refresh(roots):
+                    index.write(path)
+            else:
+                index = FileIndex.build(roots)
+                index.write(path)
+            made.append(index)
+
+        rank_zero_first(on_rank_zero)
+        if made:
+            return made[0]
+        if not path.is_file():
+            raise DataError(
+                f"rank 0 wrote the data index {path}, but this node does not see it: put paths.output_dir (or "
+                "data.index_file) on a file system every node shares"
+            )
+        return FileIndex.read(path)
+
+    def _samples(self, index: FileIndex) -> dict[str, list[tuple[str, int]]]:
+        """``(path, label)`` of each split, from the index."""
+        label = {name: i for i, name in enumerate(self._classes)}
+        samples = {}
+        for split, folders in self._folders.items():
+            root = self.data_dir / split
+            listed = {name: list(images_under(index.splits[split], folder)) for name, folder in folders.items()}
+            empty = [name for name, files in listed.items() if not files]
+            if empty:
+                raise DataError(
+                    f"{len(empty)} class folder(s) under {root} hold no images "
+                    f"(extensions {', '.join(IMG_EXTENSIONS)}), e.g. {empty[:5]}. Add images or remove those folders."
+                )
+            samples[split] = [(str(root / rel), label[name]) for name, files in listed.items() for rel in files]
+        if self.val_labels is not None:
+            samples["val"] = self._flat_val_samples(index, label)
+        return samples
+
+    def _flat_val_samples(self, index: FileIndex, label: dict[str, int]) -> list[tuple[str, int]]:
+        root = self.data_dir / "val"
+        files = [name for name, _ in index.splits["val"][""]["files"]]
+        wnids = read_val_labels(self.val_labels, files)
+        unlabelled = [f for f in files if os.path.splitext(f)[0] not in wnids]
+        unknown = sorted({w for w in wnids.values() if w not in label})
+        if unlabelled or unknown:
+            raise DataError(
+                f"{self.val_labels} does not label the validation folder {root}: "
+                f"{len(unlabelled)} of its {len(files)} images have no label (e.g. {unlabelled[:3]}), "
+                f"{len(unknown)} labels are no class folder of train/ (e.g. {unknown[:3]}). Give the label file of "
+                "these images (data.val_labels=<file>)"
+            )
+        return [(str(root / f), label[wnids[os.path.splitext(f)[0]]]) for f in files]
+
     def _build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+        samples = self._samples(self._file_index())
         datasets = tuple(
             CheckedImageFolder(
-                str(self.data_dir / split), self._folders[split], tf, self.skip_corrupt, self.corrupt_log
+                str(self.data_dir / split), self._classes, samples[split], tf, self.skip_corrupt, self.corrupt_log
             )
             for split, tf in zip(SPLITS, (self._train_tf, self._eval_tf))
         )

@@ -25,6 +25,7 @@ image plus its 8-bit copy and then the 8-bit copy plus the RGB result (Pillow st
 from __future__ import annotations
 
 import functools
+import io
 import struct
 
 import numpy as np
@@ -73,9 +74,10 @@ def _rawmode(img: Image.Image) -> str:
     return args if isinstance(args, str) else ""
 
 
-def _png_sbit(path: str) -> int | None:
-    """The significant bits of a greyscale PNG's samples (its ``sBIT`` chunk), or None without one."""
-    with open(path, "rb") as f:
+def _png_sbit(source: str | bytes) -> int | None:
+    """The significant bits of a greyscale PNG's samples (its ``sBIT`` chunk), or None without one;
+    ``source`` is the file's path or its bytes."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
         if f.read(8) != _PNG_MAGIC:
             return None
         while len(head := f.read(8)) == 8:
@@ -120,14 +122,14 @@ def _extrema(img: Image.Image) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _integer_to_l(img: Image.Image, path: str) -> Image.Image:
+def _integer_to_l(img: Image.Image, source: str | bytes) -> Image.Image:
     lo, hi = _extrema(img)
     if lo < 0 or hi > 65535:
         raise _Unconvertible(
             f"mode {img.mode} holds values from {lo:g} to {hi:g}, outside the 0..65535 of 16-bit images. "
             "Rescale it to 8 bits (0..255) or 16 bits (0..65535), or delete the file"
         )
-    sbit = _png_sbit(path) if img.format == "PNG" else None
+    sbit = _png_sbit(source) if img.format == "PNG" else None
     if sbit is not None:
         bits = sbit if hi < 2**sbit else 16
     else:
@@ -174,12 +176,12 @@ def _check_wide_samples(img: Image.Image) -> None:
         )
 
 
-def _to_8bit(img: Image.Image, path: str, rawmode: str) -> Image.Image:
-    """``img`` (the file's first frame, decoded from ``rawmode``) as a new ``L`` or ``RGB`` image, not yet
-    turned upright."""
+def _to_8bit(img: Image.Image, source: str | bytes, rawmode: str) -> Image.Image:
+    """``img`` (the first frame of ``source``, a path or the file's bytes, decoded from ``rawmode``) as a new
+    ``L`` or ``RGB`` image, not yet turned upright."""
     mode = img.mode
     if mode in _INTEGER_MODES:
-        return _integer_to_l(img, path)
+        return _integer_to_l(img, source)
     if mode == "F":
         return _float_to_l(img)
     if ";16" in rawmode:
@@ -209,8 +211,9 @@ def _to_8bit(img: Image.Image, path: str, rawmode: str) -> Image.Image:
     raise _Unconvertible(f"mode {mode} has no conversion to RGB. Save it as 8-bit RGB, or delete the file")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully as an upright 8-bit RGB image.
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Decode an image file fully as an upright 8-bit RGB image: the file at ``path``, or, given ``data``, the
+    encoded bytes of an image stored elsewhere (a shard) that ``path`` names in messages.
 
     The EXIF orientation is applied, every Pillow mode is converted as the module docstring lists (16-bit,
     12-bit-in-16-bit and 32-bit greyscale scaled by their depth, float by its range), and transparent
@@ -219,13 +222,13 @@ def load_rgb(path: str) -> Image.Image:
     and the fix.
     """
     try:
-        with Image.open(path) as src:
+        with Image.open(path if data is None else io.BytesIO(data)) as src:
             rawmode = _rawmode(src)  # before getexif(), which may load the image and drop its tiles
             upright = _UPRIGHT.get(src.getexif().get(0x0112))
             if src.mode in ("RGB", "L") and "transparency" not in src.info and ";16" not in rawmode:
                 img = src.convert("RGB")  # the common case: one conversion (or copy), nothing else
             else:
-                img = _to_8bit(src, path, rawmode)
+                img = _to_8bit(src, path if data is None else data, rawmode)
             src.close()  # frees the decoded image now (leaving the block does not), before the RGB is made
         if upright is not None:
             img = img.transpose(upright)

@@ -88,6 +88,7 @@ NOT_TRAINED = (
     "data.persistent_workers",
     "data.verify",
     "data.corrupt_log",
+    "data.index_file",
     "model.pretrained_file",
     "model.pretrained_weights",
     "model.grad_checkpointing",

@@ -1,0 +1,191 @@
+"""The file listing of a folder data set, made once per run and read by every rank and every restart.
+
+Listing ImageNet's 1.28M files takes minutes on a network file system, and every rank of every restart
+did it again. A `FileIndex` records each folder walked under a split (its modification time, its
+subfolders, its image files and their sizes) with a digest of the whole. It is written once (rank 0 of
+the first start) and read back afterwards: a restart only stats the folders (about 2,000 for ImageNet),
+lists again only those whose time changed (a copy of the data to a node's local disk: all of them, once),
+and refuses, naming the folder, when a listing differs from the one the run started with.
+
+The index file is read as plain data: gzip-compressed JSON, its size bounded, every name checked to stay
+inside the split's folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from dynamixer.errors import DataError
+
+INDEX_FORMAT = 1
+_MAX_BYTES = 1 << 30  # the decompressed index of ImageNet is ~60 MB; more is not an index of ours
+_LISTED = 5  # differing folders named in a message
+
+Folder = dict[str, Any]  # {"mtime_ns": int, "dirs": [name, ...], "files": [[name, size], ...]}
+
+
+def _list_folder(path: str) -> Folder:
+    """One folder's entry: its time, subfolders (following symlinks) and image files, sorted."""
+    dirs, files = [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.name.startswith("."):  # .ipynb_checkpoints, .cache, ...: not the data set's
+                    dirs.append(entry.name)
+            elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                files.append([entry.name, entry.stat().st_size])
+    return {"mtime_ns": os.stat(path).st_mtime_ns, "dirs": sorted(dirs), "files": sorted(files)}
+
+
+def scan(root: str | os.PathLike) -> dict[str, Folder]:
+    """Every folder under `root` (relative path, `""` for `root`) -> its entry, in walk order (top-down,
+    sorted). Each real folder is read once, so a symlink loop neither recurses forever nor lists twice."""
+    folders: dict[str, Folder] = {}
+    visited: set[str] = set()
+
+    def walk(rel: str) -> None:
+        path = os.path.join(root, rel)
+        real = os.path.realpath(path)
+        if real in visited:
+            return
+        visited.add(real)
+        folders[rel] = entry = _list_folder(path)
+        for name in entry["dirs"]:
+            walk(os.path.join(rel, name) if rel else name)
+
+    walk("")
+    return folders
+
+
+def images_under(folders: dict[str, Folder], rel: str) -> Iterator[str]:
+    """The image files under folder `rel` of a scan (relative paths), in the order of a sorted top-down walk."""
+    entry = folders.get(rel)
+    if entry is None:  # a folder the walk skipped: a second link to one already listed
+        return
+    yield from (os.path.join(rel, name) if rel else name for name, _ in entry["files"])
+    for name in entry["dirs"]:
+        yield from images_under(folders, os.path.join(rel, name) if rel else name)
+
+
+def _named(split: str, rel: str) -> str:
+    return f"{split}/{rel}" if rel else split
+
+
+def _digest(splits: dict[str, dict[str, Folder]]) -> str:
+    content = {s: {rel: [f["dirs"], f["files"]] for rel, f in folders.items()} for s, folders in splits.items()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _check_folder(rel: Any, entry: Any) -> bool:
+    if not isinstance(rel, str) or not (rel == "" or all(_plain_name(p) for p in rel.split("/"))):
+        return False
+    if not isinstance(entry, dict) or not isinstance(entry.get("mtime_ns"), int):
+        return False
+    dirs, files = entry.get("dirs"), entry.get("files")
+    return (
+        isinstance(dirs, list)
+        and all(_plain_name(d) for d in dirs)
+        and isinstance(files, list)
+        and all(isinstance(f, list) and len(f) == 2 and _plain_name(f[0]) and isinstance(f[1], int) for f in files)
+    )
+
+
+class FileIndex:
+    """The listing of each split folder of a data set (`splits`: split -> `scan` of its folder)."""
+
+    def __init__(self, splits: dict[str, dict[str, Folder]]) -> None:
+        self.splits = splits
+
+    @classmethod
+    def build(cls, roots: dict[str, Path]) -> FileIndex:
+        return cls({split: scan(root) for split, root in roots.items()})
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Split -> (image files, their bytes)."""
+        return {
+            split: (
+                sum(len(f["files"]) for f in folders.values()),
+                sum(s for f in folders.values() for _, s in f["files"]),
+            )
+            for split, folders in self.splits.items()
+        }
+
+    def write(self, path: Path) -> None:
+        payload = {
+            "format": INDEX_FORMAT,
+            "digest": _digest(self.splits),
+            "counts": self.counts(),
+            "splits": self.splits,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with gzip.open(tmp, "wt", compresslevel=1) as f:
+            json.dump(payload, f, separators=(",", ":"))
+        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+
+    @classmethod
+    def read(cls, path: Path) -> FileIndex:
+        """The index at `path`, checked to be one of ours and whole; `DataError` (naming it) otherwise."""
+        damaged = DataError(
+            f"{path} is not a whole data-set index of this project. Delete it: the run then lists its data again "
+            "(and trains on what it finds)"
+        )
+        try:
+            with gzip.open(path, "rb") as f:
+                raw = f.read(_MAX_BYTES + 1)
+            payload = json.loads(raw) if len(raw) <= _MAX_BYTES else None
+        except (OSError, EOFError, ValueError):
+            raise damaged from None
+        splits = payload.get("splits") if isinstance(payload, dict) else None
+        if (
+            payload is None
+            or payload.get("format") != INDEX_FORMAT
+            or not isinstance(splits, dict)
+            or not all(isinstance(f, dict) and all(_check_folder(r, e) for r, e in f.items()) for f in splits.values())
+            or payload.get("digest") != _digest(splits)
+        ):
+            raise damaged
+        return cls(splits)
+
+    def refresh(self, roots: dict[str, Path]) -> bool:
+        """Check the index against the folders: each folder whose time changed is listed again and must hold
+        the same subfolders and files (name and size); its new time is kept. True if any time changed (the
+        index should be written again). `DataError` naming the folders that differ."""
+        changed, differ = False, []
+        for split, folders in self.splits.items():
+            for rel, entry in folders.items():
+                path = roots[split] / rel
+                try:
+                    if os.stat(path).st_mtime_ns == entry["mtime_ns"]:
+                        continue
+                    now = _list_folder(str(path))
+                except OSError:
+                    differ.append(f"{_named(split, rel)}: missing")
+                    continue
+                if now["dirs"] != entry["dirs"] or now["files"] != entry["files"]:
+                    differ.append(
+                        f"{_named(split, rel)}: {len(entry['files'])} images and {len(entry['dirs'])} folders then, "
+                        f"{len(now['files'])} and {len(now['dirs'])} now"
+                    )
+                entry["mtime_ns"], changed = now["mtime_ns"], True
+        if differ:
+            listed = "".join(f"\n  {d}" for d in differ[:_LISTED])
+            more = f"\n  ... and {len(differ) - _LISTED} more" if len(differ) > _LISTED else ""
+            raise DataError(
+                f"the data under {', '.join(str(r) for r in roots.values())} changed since this run listed it "
+                f"({len(differ)} folder(s) differ):{listed}{more}\nA resumed run trains on the data it started with: "
+                "restore those files, or start a new run (a new run folder) to train on the changed data"
+            )
+        return changed
