@@ -300,6 +300,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         return [(str(root / f), label[wnids[os.path.splitext(f)[0]]]) for f in files]
 
+    def listing(self) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+        """The class names and each split's ``(path, label)`` samples, as training reads them."""
+        return self.class_names, self._samples(self._file_index())
+
     def _build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
         samples = self._samples(self._file_index())
         datasets = tuple(

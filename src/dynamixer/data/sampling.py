@@ -23,6 +23,23 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+def seed_generators(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU) generators for one sample's augmentation draws."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # alone: torch.manual_seed's accelerator checks cost more
+
+
+def generator_states() -> tuple[Any, Any, torch.Tensor]:
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+
+def restore_generators(states: tuple[Any, Any, torch.Tensor]) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.default_generator.set_state(states[2])
+
+
 class ResumableSampler(DistributedSampler):
     """`DistributedSampler` (one rank too: `num_replicas=1`) that yields `(index, sample_seed)` pairs and can
     start an epoch at sample `start` of this rank's share (a resumed run; reset after that epoch)."""
@@ -53,17 +70,12 @@ class SeededSamples(Dataset):
     def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
         """The samples of a batch (the data loader's batched fetch). The process's generators are saved and
         restored once per batch: numpy's state copy alone would cost more than decoding a small image."""
-        torch_rng = torch.default_generator  # seeding it alone skips torch.manual_seed's accelerator checks
-        states = random.getstate(), np.random.get_state(), torch_rng.get_state()
+        states = generator_states()
         try:
             samples = []
             for index, seed in items:
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                torch_rng.manual_seed(seed)
+                seed_generators(seed)
                 samples.append(self.dataset[index])
             return samples
         finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch_rng.set_state(states[2])
+            restore_generators(states)

@@ -1,0 +1,307 @@
+"""WebDataset tar shards (`data=wds`), read with the `webdataset` library, resumable at the saved batch.
+
+How an epoch is read, all of it a function of `(seed, epoch)`:
+
+* The shards are put in an order drawn from `(seed, epoch)` and dealt to `ranks x workers` streams (stream
+  `rank * workers + worker` takes every `ranks x workers`-th shard): no two streams share a shard.
+* Each stream reads its shards in turn and shuffles their samples in a buffer (`shuffle_buffer` samples)
+  whose generator is seeded by `(seed, epoch, stream)`; a sample's augmentation draws are seeded by
+  `(seed, epoch, its key)`.
+* Every stream yields the same number of full batches, in every epoch (what the smallest stream of any
+  deal holds), so every rank trains the same number of steps; what a stream holds beyond that is left out
+  of this epoch (another epoch deals the shards again). Shards of about equal size, at least a few per
+  stream, keep that small: the converter (`python -m dynamixer.data.convert --to wds`) writes such shards.
+
+A resumed run continues at the saved batch: each worker reads its streams up to the samples it had yielded
+(through the shuffle buffer, without decoding them) and goes on from there, so the batches after a resume
+are those of the uninterrupted run. The order depends on the worker count, so a resume refuses another
+`data.num_workers`. The shard list and the sample counts come from the converter's `info.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dynamixer.data.base import ClassificationDataModule
+from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
+from dynamixer.data.images import load_rgb
+from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
+from dynamixer.errors import ConfigError, DataError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "ppm")
+
+
+class ShardStream(IterableDataset):
+    """The samples of one split's shards for one rank, as the module docstring describes: items
+    ``(transform(image), label)``. ``epoch`` and ``start`` (batches of this rank already trained in the
+    epoch) are set by the loader before each epoch's iteration (`EpochLoader`)."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        counts: list[int],
+        transform: Callable,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        batch_size: int,
+        train: bool,
+        shuffle_buffer: int,
+    ) -> None:
+        self.shards, self.counts, self.transform = shards, counts, transform
+        self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
+        self.batch_size, self.train, self.shuffle_buffer = batch_size, train, shuffle_buffer
+        self.epoch, self.start = 0, 0
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.workers
+
+    def dealt(self, epoch: int) -> list[list[int]]:
+        """Each stream's shard indices in `epoch`."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)) if self.train else None
+        order = list(range(len(self.shards))) if order is None else order.tolist()
+        return [order[s :: self.streams] for s in range(self.streams)]
+
+    def quota(self) -> int:
+        """Batches each stream yields in a training epoch: what the smallest stream of any epoch holds (a stream
+        is dealt at least `shards // streams` shards, at worst the smallest ones), so every epoch has as many."""
+        fewest = sorted(self.counts)[: len(self.counts) // self.streams]
+        return sum(fewest) // self.batch_size
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.quota() * self.workers * self.batch_size
+        mine = self.dealt(self.epoch)[self.rank * self.workers : (self.rank + 1) * self.workers]
+        return sum(self.counts[i] for shards in mine for i in shards)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"{type(self).__name__} made for {self.workers} workers runs in {workers}")
+        stream = self.rank * self.workers + worker
+        epoch, start = self.epoch, self.start  # read now: the loader resets start once the epoch has begun
+        urls = [self.shards[i] for i in self.dealt(epoch)[stream]]
+        if self.train:
+            done = len(range(worker, start, self.workers))  # this worker's batches among the first `start`
+            skip, stop = done * self.batch_size, self.quota() * self.batch_size
+        else:
+            skip, stop = 0, None
+        return self._samples(urls, epoch, stream, skip, stop, restore=info is None)
+
+    def _samples(self, urls: list[str], epoch: int, stream: int, skip: int, stop: int | None, restore: bool):
+        import webdataset as wds
+
+        stages: list[Any] = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+        if self.train:
+            rng = random.Random(int(sample_seed(self.seed, epoch, stream)))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        for sample in islice(wds.DataPipeline(*stages), skip, stop):
+            yield self._decode(sample, epoch, restore)
+
+    def _decode(self, sample: Mapping[str, Any], epoch: int, restore: bool) -> tuple[torch.Tensor, int]:
+        name = f"{sample.get('__url__')}:{sample['__key__']}"
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None or "cls" not in sample:
+            raise DataError(
+                f"sample {name} has {sorted(k for k in sample if not k.startswith('__'))}: a sample "
+                f"needs an image ({', '.join(IMAGE_KEYS)}) and its class index (cls)"
+            )
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise DataError(f"sample {name}: cls={sample['cls'][:20]!r} is not a class index") from None
+        image = load_rgb(name, data=sample[key])
+        states = generator_states() if restore else None
+        seed_generators(sample_seed(self.seed, epoch, zlib.crc32(sample["__key__"].encode())))
+        try:
+            return self.transform(image), label
+        finally:
+            if states is not None:  # in the training process itself (no workers): leave its generators alone
+                restore_generators(states)
+
+
+class EpochLoader(DataLoader):
+    """A `DataLoader` of a `ShardStream` that gives it the trainer's epoch (`epoch()`) as each epoch's
+    iteration starts, and its resume position (`start`) for the first one only."""
+
+    def __init__(self, dataset: ShardStream, epoch: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch()
+        iterator = super().__iter__()  # the workers have their copy of the stream now
+        self.dataset.start = 0
+        return iterator
+
+
+class WebDataModule(ClassificationDataModule):
+    """ImageNet-1K (or any classification set) as WebDataset shards under ``data_dir``, described by its
+    ``info.json`` (class names, each shard's sample count; `dynamixer.data.convert` writes it).
+
+    ``train_shards`` and ``val_shards`` are brace patterns of shard files relative to ``data_dir`` (e.g.
+    ``train-{000000..000127}.tar``); ``None`` takes the split's shards in ``info.json``. Only local files
+    are read (no URLs, no ``pipe:``). See the module docstring for the order and the resume.
+    """
+
+    defaults = {"num_workers": 8}
+    default_train_aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+
+    def __init__(
+        self,
+        data_dir: str,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        shuffle_buffer: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**{**self.defaults, **kwargs})
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.shuffle_buffer = int(shuffle_buffer)
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={shuffle_buffer}: give 1 or more samples, e.g. 1000")
+        info = self._read_info()
+        self._classes = info["classes"]
+        self._shards = {
+            "train": self._listed(info, "train", train_shards),
+            "val": self._listed(info, "val", val_shards),
+        }
+
+    def _read_info(self) -> dict[str, Any]:
+        path = self.data_dir / WDS_INFO
+        expected = (
+            f"WebDataset shards with the {WDS_INFO} that `python -m dynamixer.data.convert <folder data set> "
+            f"{self.data_dir} --to wds` writes (class names, each shard's sample count)"
+        )
+        if not path.is_file():
+            raise DataError(f"no {path}: data=wds reads {expected}")
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is not JSON ({err}): data=wds reads {expected}") from None
+        ok = isinstance(info, dict) and info.get("format") == WDS_FORMAT and isinstance(info.get("classes"), list)
+        splits = info.get("splits") if ok else None
+        if (
+            not ok
+            or not isinstance(splits, dict)
+            or not all(
+                isinstance(s, dict)
+                and isinstance(s.get("shards"), list)
+                and isinstance(s.get("counts"), list)
+                and len(s["shards"]) == len(s["counts"])
+                and all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in s["shards"])
+                and all(isinstance(c, int) and c >= 0 for c in s["counts"])
+                for s in splits.values()
+            )
+        ):
+            raise DataError(f"{path} is not an info file of format {WDS_FORMAT}: data=wds reads {expected}")
+        return info
+
+    def _listed(self, info: dict[str, Any], split: str, pattern: str | None) -> tuple[list[str], list[int]]:
+        """The split's shard paths and sample counts: `pattern`'s files, or all of `info.json`'s."""
+        from braceexpand import braceexpand
+
+        known = info["splits"].get(split, {"shards": [], "counts": []})
+        count = dict(zip(known["shards"], known["counts"]))
+        names = list(braceexpand(pattern)) if pattern is not None else list(known["shards"])
+        unknown = [n for n in names if n not in count]
+        if not names or unknown:
+            raise DataError(
+                f"data.{split}_shards={pattern}: {len(unknown)} of its {len(names)} shards are not {split} shards "
+                f"of {self.data_dir / WDS_INFO} (e.g. {unknown[:3]}); it lists {known['shards'][:3]}... Give a "
+                "brace pattern of shard files in data_dir, e.g. train-{000000..000127}.tar"
+            )
+        missing = [n for n in names if not (self.data_dir / n).is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} shard(s) of data.{split}_shards are missing in {self.data_dir}, e.g. {missing[:3]}"
+            )
+        return [str(self.data_dir / n) for n in names], [count[n] for n in names]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._classes)
+
+    def _build_datasets(self) -> tuple[Any, Any]:
+        return self._shards["train"], self._shards["val"]  # the streams are made per rank by the loaders
+
+    def _stream(self, split: str, world_size: int, rank: int) -> ShardStream:
+        self.setup()
+        shards, counts = self._shards[split]
+        train = split == "train"
+        tf = self._train_tf if train else self._eval_tf
+        return ShardStream(
+            shards,
+            counts,
+            tf,
+            self.seed,
+            rank,
+            world_size,
+            self.num_workers,
+            self.batch_size,
+            train,
+            self.shuffle_buffer,
+        )
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank = self._ranks()
+        stream = self._stream("train", world_size, rank)
+        if stream.quota() < 1:
+            raise DataError(
+                f"{len(stream.shards)} training shards for {stream.streams} streams ({world_size} rank(s) x "
+                f"{stream.workers} worker(s)) leave a stream less than one batch of {self.batch_size}: write more, "
+                "smaller shards (python -m dynamixer.data.convert ... --shard-size), or use fewer data.num_workers"
+            )
+        if self._resume is not None:
+            self._check_resume(self._resume, world_size)
+            stream.start = self._resume["batches"]
+            self._resume = None
+        trainer = self.trainer
+        return self._epoch_loader(stream, lambda: trainer.current_epoch if trainer is not None else stream.epoch)
+
+    def val_dataloader(self) -> DataLoader:
+        world_size, rank = self._ranks()
+        stream = self._stream("val", world_size, rank)
+        return self._epoch_loader(stream, lambda: 0)
+
+    def _epoch_loader(self, stream: ShardStream, epoch: Callable[[], int]) -> EpochLoader:
+        # new workers each epoch: they take their copy of the stream, with its epoch, when they start
+        return EpochLoader(
+            stream,
+            epoch,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return {**state, "num_workers": self.num_workers} if state else state
+
+    def _check_resume(self, state: Mapping[str, Any], world_size: int) -> None:
+        super()._check_resume(state, world_size)
+        if state.get("num_workers") != self.num_workers:
+            raise ConfigError(
+                f"the checkpoint read its WebDataset shards with data.num_workers={state.get('num_workers')}, this "
+                f"run has {self.num_workers}: the shards are dealt to ranks x workers streams, so the order would "
+                f"differ. Resume with data.num_workers={state.get('num_workers')}"
+            )
