@@ -12,13 +12,19 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, install_packages, why_unavailable
 
-from helpers import entry_point, write_image_tree
+from helpers import entry_point, write_image_tree, write_shard_sets
 
 
 @pytest.fixture
 def image_tree(tmp_path: Path) -> Path:
     """3 classes, 4 train and 2 val JPEGs each."""
     return write_image_tree(tmp_path / "imagenet")
+
+
+@pytest.fixture(scope="session")
+def shard_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real-image data set in each format we read (`write_shard_sets`); read only by the tests."""
+    return write_shard_sets(tmp_path_factory.mktemp("shard_sets"))
 
 
 @pytest.fixture

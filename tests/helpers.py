@@ -205,6 +205,37 @@ def write_photo_tree(
     return root
 
 
+def write_shard_sets(root: str | os.PathLike, train_per_class: int = 10) -> dict[str, Path]:
+    """One real-image data set (`write_photo_tree`) in every format we read: `folder`, `parquet` and `wds`
+    (written by `python -m dynamixer.data.convert`, two or three images a tar shard) and `saved`
+    (`DatasetDict.save_to_disk` of the same rows)."""
+    import datasets
+
+    from dynamixer.data.convert import convert
+    from dynamixer.data.imagefolder import ImageFolderDataModule
+
+    root = Path(root)
+    sets = {"folder": write_photo_tree(root / "folder", train_per_class=train_per_class)}
+    for to, shard_bytes in (("parquet", 20_000), ("wds", 4_000)):
+        sets[to] = root / to
+        convert(sets["folder"], sets[to], to, shard_bytes)
+    classes, samples = ImageFolderDataModule(str(sets["folder"]), num_workers=0).listing()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    splits = {
+        name: datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": Path(p).read_bytes(), "path": os.path.relpath(p, sets["folder"])} for p, _ in rows],
+                "label": [label for _, label in rows],
+            },
+            features=features,
+        )
+        for name, rows in (("train", samples["train"]), ("validation", samples["val"]))
+    }
+    sets["saved"] = root / "saved"
+    datasets.DatasetDict(splits).save_to_disk(str(sets["saved"]))
+    return sets
+
+
 def compose_train_config(
     overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None, with_hydra: bool = False
 ):

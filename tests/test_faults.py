@@ -82,17 +82,27 @@ def resumed_history(run_dir: Path) -> list[dict]:
     return checkpoint["callbacks"]["MetricsHistory"]["history"]
 
 
+SHARDED = ["data.batch_size=4", "data.cache_dir={cache}"]  # 30 images: 6 batches an epoch (hf: 7, limited)
+
+
 @pytest.mark.parametrize(
     "setup,stop",
     # one process takes Ctrl-C (SIGTERM's handler only differs in the flag it sets; SIGUSR2 is the slurm test's)
-    [(["hardware=cpu", "trainer.devices=2"], signal.SIGTERM), ([], signal.SIGINT)],
-    ids=["DDP, 2 ranks", "one process, Ctrl-C"],
+    [
+        (["hardware=cpu", "trainer.devices=2"], signal.SIGTERM),
+        ([], signal.SIGINT),
+        (["data=hf", "data.data_dir={parquet}", *SHARDED], signal.SIGTERM),
+        (["data=wds", "data.data_dir={wds}", "data.batch_size=4", "data.shuffle_buffer=4"], signal.SIGTERM),
+    ],
+    ids=["DDP, 2 ranks", "one process, Ctrl-C", "parquet shards", "WebDataset shards"],
 )
 def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(
-    setup: list[str], stop: signal.Signals, tmp_path: Path
+    setup: list[str], stop: signal.Signals, tmp_path: Path, shard_sets: dict[str, Path]
 ) -> None:
     """SIGTERM (or Ctrl-C) to the (rank 0) process in the middle of an epoch; the losses are rank 0's. Under
-    DDP only rank 0 gets the signal, as from a user's `kill`: the ranks stop together at the same step."""
+    DDP only rank 0 gets the signal, as from a user's `kill`: the ranks stop together at the same step. The
+    sharded sources (data=hf, data=wds) continue at the saved batch too."""
+    setup = [arg.format(**shard_sets, cache=tmp_path / "cache") for arg in setup]
     finish(start(tmp_path, "trainer.max_epochs=2", "run_name=straight", *setup))
     run_dir = tmp_path / "logs/train/runs/pre"
     proc = start(tmp_path, "trainer.max_epochs=2", "run_name=pre", *setup)

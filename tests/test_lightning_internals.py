@@ -23,6 +23,10 @@ class Record(Callback):
 
     def __init__(self) -> None:
         self.done: list[int] = []
+        self.epochs: list[int] = []
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        self.epochs.append(internals.epoch_being_trained(trainer))
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self.done.append(internals.batches_done(trainer))
@@ -46,6 +50,7 @@ def test_the_data_position_the_stop_flag_and_the_save_bookkeeping_behave_as_read
     with pytest.raises(SIGTERMException):  # the stop flag ends the loop after step 5, through SIGTERM's path
         trainer.fit(tiny_module(), DataLoader(data, batch_size=8))
     assert record.done == [1, 2, 3, 4, 1]  # batches of the current epoch (4 an epoch), after each step
+    assert record.epochs == [0, 1]  # the epoch the loop is in, as its samplers are told
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5  # saved at the stop
     internals.save_unless_saved(by_steps, trainer)  # already saved this step: nothing new

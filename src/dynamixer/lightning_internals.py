@@ -2,7 +2,7 @@
 
 Written for Lightning 2.6 (`pyproject.toml` bounds it to that minor version); `tests/test_lightning_internals.py`
 fails naming the attribute if a release moves one. Why each is needed:
-- the data position (`batch_progress`): exact resume from the middle of an epoch;
+- the data position (`batch_progress`, `epoch_progress`): exact resume from the middle of an epoch;
 - the stop flag (`_signal_connector.received_sigterm`): stop after this step on every rank at once, through
   Lightning's own SIGTERM exit (the checkpoint of that step, the loops' clean end);
 - `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
@@ -38,6 +38,12 @@ def _private(obj: Any, path: str) -> Any:
 def batches_done(trainer: L.Trainer) -> int:
     """Training batches processed in the current epoch."""
     return _private(trainer, "fit_loop.epoch_loop.batch_progress.current.processed")
+
+
+def epoch_being_trained(trainer: L.Trainer) -> int:
+    """The epoch the training loop is in, as Lightning gives samplers (`set_epoch`); `current_epoch` is still
+    the previous one when a run resumed mid-epoch makes its data iterator."""
+    return _private(trainer, "fit_loop.epoch_progress.current.processed")
 
 
 def stop_after_this_step(trainer: L.Trainer) -> None:

@@ -37,6 +37,7 @@ from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
 from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
 from dynamixer.errors import ConfigError, DataError
+from dynamixer.lightning_internals import epoch_being_trained
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "ppm")
 
@@ -91,11 +92,14 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.workers:
             raise RuntimeError(f"{type(self).__name__} made for {self.workers} workers runs in {workers}")
-        stream = self.rank * self.workers + worker
         epoch, start = self.epoch, self.start  # read now: the loader resets start once the epoch has begun
+        # the loader takes batch i from worker i % workers, its first from worker 0: after `start` batches
+        # worker 0 goes on with the stream whose turn is next
+        mine = (worker + start) % self.workers
+        stream = self.rank * self.workers + mine
         urls = [self.shards[i] for i in self.dealt(epoch)[stream]]
         if self.train:
-            done = len(range(worker, start, self.workers))  # this worker's batches among the first `start`
+            done = len(range(mine, start, self.workers))  # this stream's batches among the first `start`
             skip, stop = done * self.batch_size, self.quota() * self.batch_size
         else:
             skip, stop = 0, None
@@ -135,17 +139,18 @@ class ShardStream(IterableDataset):
 
 class EpochLoader(DataLoader):
     """A `DataLoader` of a `ShardStream` that gives it the trainer's epoch (`epoch()`) as each epoch's
-    iteration starts, and its resume position (`start`) for the first one only."""
+    iteration starts; a resumed run's first iteration has the saved epoch and position (`resume_at`)."""
 
     def __init__(self, dataset: ShardStream, epoch: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch = epoch
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches trained in it)
 
     def __iter__(self):
-        self.dataset.epoch = self.epoch()
-        iterator = super().__iter__()  # the workers have their copy of the stream now
-        self.dataset.start = 0
-        return iterator
+        # Lightning makes a resumed run's first iterator before its epoch counter is restored: the saved one
+        self.dataset.epoch, self.dataset.start = self.resume_at or (self.epoch(), 0)
+        self.resume_at = None
+        return super().__iter__()  # the workers take their copy of the stream now
 
 
 class WebDataModule(ClassificationDataModule):
@@ -269,12 +274,13 @@ class WebDataModule(ClassificationDataModule):
                 f"{stream.workers} worker(s)) leave a stream less than one batch of {self.batch_size}: write more, "
                 "smaller shards (python -m dynamixer.data.convert ... --shard-size), or use fewer data.num_workers"
             )
+        trainer = self.trainer
+        loader = self._epoch_loader(stream, lambda: epoch_being_trained(trainer) if trainer is not None else 0)
         if self._resume is not None:
             self._check_resume(self._resume, world_size)
-            stream.start = self._resume["batches"]
+            loader.resume_at = self._resume["epoch"], self._resume["batches"]
             self._resume = None
-        trainer = self.trainer
-        return self._epoch_loader(stream, lambda: trainer.current_epoch if trainer is not None else stream.epoch)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         world_size, rank = self._ranks()
