@@ -50,18 +50,26 @@ def test_model_benchmark_reports_every_impl_mode_and_precision(tmp_path):
             assert ours["vs_reference_same_precision"] == pytest.approx(ratio), (mode, precision)
 
 
-def test_data_benchmark_times_each_split_and_worker_count_with_the_papers_augmentation(tmp_path):
+def test_data_benchmark_times_each_source_split_and_worker_count_and_the_listing_with_and_without_index(tmp_path):
     out = tmp_path / "data.json"
-    args = ["--workers", "0", "1", "--images", "8", "--batch-size", "4", "--img-size", "64", "--passes", "1"]
-    run_script("benchmarks/bench_data.py", [*args, "--json", out], cwd=tmp_path)
+    args = ["--workers", "0", "1", "--images", "16", "--batch-size", "4", "--img-size", "64", "--passes", "1"]
+    run_script("benchmarks/bench_data.py", [*args, "--listing", "300", "--json", out], cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["config"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
-    rows = {(r["split"], r["workers"]): r for r in report["results"]}
-    assert set(rows) == {(split, workers) for split in ("train", "val") for workers in (0, 1)}
+    rows = {(r["source"], r["split"], r["workers"]): r for r in report["results"]}
+    sources = ("folder", "parquet", "wds")
+    assert set(rows) == {(s, split, w) for s in sources for split in ("train", "val") for w in (0, 1)}
     for key, r in rows.items():
         low, high = r["images_per_s_range"]
         assert 0 < low <= r["images_per_s"] <= high, key
-        assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / max(key[1], 1)), key
+        assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / max(key[2], 1)), key
+        assert r["ms_per_image_per_core"] == pytest.approx(1000 / r["images_per_s_per_worker"]), key
+        folder = rows[("folder", key[1], key[2])]["images_per_s"]
+        assert r["vs_folder"] == pytest.approx(r["images_per_s"] / folder), key
+    listing = report["listing"]
+    assert listing["files"] == 300 and listing["index_bytes"] > 0
+    for start in ("first_start", "restart"):
+        assert listing[f"{start}_vs_no_index"] == pytest.approx(listing[f"{start}_s"] / listing["no_index_s"])
 
 
 def test_checkpoint_benchmark_saves_a_training_sized_checkpoint(tmp_path):

@@ -42,6 +42,17 @@ def test_every_group_option_composes(group: str, option: str, tmp_path: Path) ->
     assert resolved["model"]["model_name"].startswith("dynamixer_")
 
 
+@pytest.mark.parametrize("data", ["imagenet", "hf", "wds"])
+def test_the_imagenet_experiments_take_each_imagenet_source_with_the_recipe(data: str, tmp_path: Path) -> None:
+    cfg = OmegaConf.to_container(
+        compose_job_config(["experiment=dynamixer_s_imagenet", f"data={data}"], tmp_path), resolve=True
+    )["data"]
+    target = {"imagenet": "ImageFolderDataModule", "hf": "HFDataModule", "wds": "WebDataModule"}[data]
+    assert cfg["_target_"] == f"dynamixer.data.{target}"
+    assert (cfg["batch_size"], cfg["crop_pct"], cfg["img_size"]) == (256, 0.9, 224)  # the experiment's
+    assert cfg["train_aug"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and cfg["train_aug"]["re_prob"] == 0.25
+
+
 @pytest.mark.parametrize("option", GROUPS["model"])
 def test_every_model_config_exposes_the_ablation_axes(option: str, tmp_path: Path) -> None:
     model = compose_job_config([f"model={option}"], tmp_path).model

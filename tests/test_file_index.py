@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 
 from dynamixer.data import DataError, ImageFolderDataModule, file_index
-from helpers import WNIDS, write_photo_tree
+from helpers import QUIET_FAST, WNIDS, run_dir, run_script, write_photo_tree
 
 
 @pytest.fixture
@@ -147,3 +147,26 @@ def test_a_layout_that_is_no_folder_data_set_names_what_was_found(tmp_path: Path
     with pytest.raises(DataError, match="missing split folder") as err:
         ImageFolderDataModule(str(tmp_path))
     assert "train-00000-of-00004.parquet" in str(err.value) and "data=hf" in str(err.value)
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_lists_once_and_a_changed_data_set_stops_every_rank_with_one_message(photos, tmp_path) -> None:
+    args = ["data=imagenet", f"data.data_dir={photos}", "data.batch_size=2", "hardware=cpu", "trainer.devices=2"]
+    args += [*QUIET_FAST, "run_name=r", "trainer.max_epochs=1"]
+    run_script("train.py", args, tmp_path)
+    index = run_dir(tmp_path, "r") / "data_index.json.gz"
+    written = index.stat().st_mtime_ns, index.stat().st_ino
+    assert json.loads(gzip.decompress(index.read_bytes()))["counts"]["train"][0] == 4 * len(WNIDS)
+
+    def longer(epochs: int) -> list[str]:
+        return [*(a for a in args if a != "trainer.max_epochs=1"), f"trainer.max_epochs={epochs}", "ckpt_path=auto"]
+
+    run_script("train.py", [*longer(2), "extend=true"], tmp_path)  # a restart: the index is read, not rewritten
+    assert (index.stat().st_mtime_ns, index.stat().st_ino) == written
+
+    (photos / "train" / WNIDS[2] / f"{WNIDS[2]}_train_0000.JPEG").unlink()
+    proc = run_script("train.py", [*longer(3), "extend=true"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    messages = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(messages) == 1 and "changed since this run listed it" in messages[0], proc.stderr[-3000:]
+    assert f"train/{WNIDS[2]}: 4 images" in proc.stderr and "Traceback" not in proc.stderr

@@ -70,9 +70,10 @@ def images_under(folders: dict[str, Folder], rel: str) -> Iterator[str]:
     entry = folders.get(rel)
     if entry is None:  # a folder the walk skipped: a second link to one already listed
         return
-    yield from (os.path.join(rel, name) if rel else name for name, _ in entry["files"])
+    prefix = f"{rel}/" if rel else ""
+    yield from (prefix + name for name, _ in entry["files"])
     for name in entry["dirs"]:
-        yield from images_under(folders, os.path.join(rel, name) if rel else name)
+        yield from images_under(folders, prefix + name)
 
 
 def _named(split: str, rel: str) -> str:
