@@ -85,22 +85,31 @@ def _digest(splits: dict[str, dict[str, Folder]]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _plain_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+_NOT_NAMES = {"", ".", ".."}
+
+
+def _plain_names(names: list[Any]) -> bool:
+    """True if every one of `names` is a file or folder name: a string, not empty, `.` or `..`, no `/`."""
+    try:
+        joined = "\0".join(names)  # one pass in C: a TypeError for anything that is not a string
+    except TypeError:
+        return False
+    if not names:
+        return True
+    return "/" not in joined and joined.count("\0") == len(names) - 1 and not _NOT_NAMES & set(names)
 
 
 def _check_folder(rel: Any, entry: Any) -> bool:
-    if not isinstance(rel, str) or not (rel == "" or all(_plain_name(p) for p in rel.split("/"))):
+    if not isinstance(rel, str) or not (rel == "" or _plain_names(rel.split("/"))):
         return False
-    if not isinstance(entry, dict) or not isinstance(entry.get("mtime_ns"), int):
+    if not isinstance(entry, dict) or type(entry.get("mtime_ns")) is not int:
         return False
     dirs, files = entry.get("dirs"), entry.get("files")
-    return (
-        isinstance(dirs, list)
-        and all(_plain_name(d) for d in dirs)
-        and isinstance(files, list)
-        and all(isinstance(f, list) and len(f) == 2 and _plain_name(f[0]) and isinstance(f[1], int) for f in files)
-    )
+    if not isinstance(dirs, list) or not isinstance(files, list) or not _plain_names(dirs):
+        return False
+    if not all(type(f) is list and len(f) == 2 for f in files):
+        return False
+    return _plain_names([f[0] for f in files]) and all(type(f[1]) is int for f in files)
 
 
 class FileIndex:
