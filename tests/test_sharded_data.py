@@ -17,7 +17,7 @@ from dynamixer.data import DataError, HFDataModule, ImageFolderDataModule, WebDa
 from dynamixer.data.convert import main as convert_main
 from dynamixer.data.wds import EpochLoader, ShardStream
 from dynamixer.errors import ConfigError
-from helpers import QUIET_FAST, run_dir, script_env
+from helpers import QUIET_FAST, run_dir, run_script, script_env
 
 SMALL = {"img_size": 16, "batch_size": 4, "num_workers": 0}
 
@@ -71,6 +71,21 @@ def test_hf_serves_the_files_bytes_decoded_as_the_folder_source_does(shard_sets,
         assert y_hf == y_folder and torch.equal(x_hf, x_folder)
 
 
+def test_wds_validation_reads_each_tar_file_at_its_offset_as_the_folder_source_reads_it(shard_sets) -> None:
+    folder = ImageFolderDataModule(str(shard_sets["folder"]), **SMALL)
+    shards = WebDataModule(str(shard_sets["wds"]), **SMALL)
+    folder.setup()
+    shards.setup()
+    assert len(shards.val_set) == len(folder.val_set) == 6
+    by_name = {Path(p).name: i for i, (p, _) in enumerate(folder.val_set.samples)}
+    for i, (shard, key, _) in enumerate(shards.val_set.samples):
+        with tarfile.open(shard) as tar:
+            name = json.loads(tar.extractfile(f"{key}.json").read())["path"]
+        x, y = shards.val_set[i]
+        x_folder, y_folder = folder.val_set[by_name[Path(name).name]]
+        assert y == y_folder and torch.equal(x, x_folder)
+
+
 def test_parquet_is_read_without_reaching_the_network(shard_sets, tmp_path: Path, connections) -> None:
     """In a fresh process whose Hub endpoint is a listener that counts connections: none is made."""
     code = (
@@ -103,7 +118,7 @@ def streams(root: Path, world_size: int, workers: int, epoch: int, **kw) -> list
     shards, counts = dm._shards["train"]
     keys = []
     for rank in range(world_size):
-        stream = ShardStream(shards, counts, lambda img: img, 0, rank, world_size, workers, 2, True, 4, **kw)
+        stream = ShardStream(shards, counts, lambda img: img, 0, rank, world_size, workers, 2, 4, **kw)
         stream.epoch = epoch
         for shard_ids in stream.dealt(epoch)[rank * max(1, workers) : (rank + 1) * max(1, workers)]:
             stages = wds.DataPipeline(wds.SimpleShardList([shards[i] for i in shard_ids]), wds.tarfile_to_samples())
@@ -190,6 +205,20 @@ def test_training_runs_end_to_end_through_each_source(shard_sets, source: str, t
     results = json.loads((run_dir(tmp_path, "r") / "results.json").read_text())
     assert results["status"] == "finished" and results["global_step"] == 6
     assert torch.isfinite(torch.tensor(results["final"]["val/loss"]))
+
+
+@pytest.mark.slow
+def test_ddp_over_wds_shards_that_split_unevenly_evaluates_the_same_batches_on_every_rank(shard_sets, tmp_path) -> None:
+    """Three validation shards of two images for two ranks: dealt by shard, one rank would have two batches
+    and the other one, and the ranks would wait for each other at the batch ends forever."""
+    data = tmp_path / "wds"
+    convert_main([str(shard_sets["folder"]), str(data), "--to", "wds", "--shard-size", "2500"])
+    assert json.loads((data / "info.json").read_text())["splits"]["val"]["counts"] == [2, 2, 2]
+    args = ["data=wds", f"data.data_dir={data}", "data.batch_size=2", "hardware=cpu", "trainer.devices=2"]
+    args += [*QUIET_FAST, "trainer.limit_val_batches=1.0", "trainer.max_epochs=1", "run_name=r"]
+    run_script("train.py", args, tmp_path, timeout=300)
+    results = json.loads((run_dir(tmp_path, "r") / "results.json").read_text())
+    assert results["status"] == "finished" and results["global_step"] == 3
 
 
 def test_the_converter_refuses_a_folder_that_holds_files_and_bad_sizes(shard_sets, tmp_path: Path, capsys) -> None:

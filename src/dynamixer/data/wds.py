@@ -16,12 +16,17 @@ A resumed run continues at the saved batch: each worker reads its streams up to 
 (through the shuffle buffer, without decoding them) and goes on from there, so the batches after a resume
 are those of the uninterrupted run. The order depends on the worker count, so a resume refuses another
 `data.num_workers`. The shard list and the sample counts come from the converter's `info.json`.
+
+The validation shards are read with random access instead (`TarSamples`: each file's offset taken from the
+tar headers once), as a map-style data set that Lightning shards over the ranks: every rank evaluates the
+same number of batches (the ranks meet at each batch's end) and no sample is left out.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from dynamixer.data.base import ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
@@ -43,7 +48,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "ppm")
 
 
 class ShardStream(IterableDataset):
-    """The samples of one split's shards for one rank, as the module docstring describes: items
+    """The training samples of the shards for one rank, as the module docstring describes: items
     ``(transform(image), label)``. ``epoch`` and ``start`` (batches of this rank already trained in the
     epoch) are set by the loader before each epoch's iteration (`EpochLoader`)."""
 
@@ -57,12 +62,11 @@ class ShardStream(IterableDataset):
         world_size: int,
         workers: int,
         batch_size: int,
-        train: bool,
         shuffle_buffer: int,
     ) -> None:
         self.shards, self.counts, self.transform = shards, counts, transform
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
-        self.batch_size, self.train, self.shuffle_buffer = batch_size, train, shuffle_buffer
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.epoch, self.start = 0, 0
 
     @property
@@ -71,8 +75,7 @@ class ShardStream(IterableDataset):
 
     def dealt(self, epoch: int) -> list[list[int]]:
         """Each stream's shard indices in `epoch`."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)) if self.train else None
-        order = list(range(len(self.shards))) if order is None else order.tolist()
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
         return [order[s :: self.streams] for s in range(self.streams)]
 
     def quota(self) -> int:
@@ -82,10 +85,7 @@ class ShardStream(IterableDataset):
         return sum(fewest) // self.batch_size
 
     def __len__(self) -> int:
-        if self.train:
-            return self.quota() * self.workers * self.batch_size
-        mine = self.dealt(self.epoch)[self.rank * self.workers : (self.rank + 1) * self.workers]
-        return sum(self.counts[i] for shards in mine for i in shards)
+        return self.quota() * self.workers * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
@@ -98,43 +98,90 @@ class ShardStream(IterableDataset):
         mine = (worker + start) % self.workers
         stream = self.rank * self.workers + mine
         urls = [self.shards[i] for i in self.dealt(epoch)[stream]]
-        if self.train:
-            done = len(range(mine, start, self.workers))  # this stream's batches among the first `start`
-            skip, stop = done * self.batch_size, self.quota() * self.batch_size
-        else:
-            skip, stop = 0, None
+        done = len(range(mine, start, self.workers))  # this stream's batches among the first `start`
+        skip, stop = done * self.batch_size, self.quota() * self.batch_size
         return self._samples(urls, epoch, stream, skip, stop, restore=info is None)
 
-    def _samples(self, urls: list[str], epoch: int, stream: int, skip: int, stop: int | None, restore: bool):
+    def _samples(self, urls: list[str], epoch: int, stream: int, skip: int, stop: int, restore: bool):
         import webdataset as wds
 
-        stages: list[Any] = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
-        if self.train:
-            rng = random.Random(int(sample_seed(self.seed, epoch, stream)))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        for sample in islice(wds.DataPipeline(*stages), skip, stop):
+        rng = random.Random(int(sample_seed(self.seed, epoch, stream)))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+        )
+        for sample in islice(pipeline, skip, stop):
             yield self._decode(sample, epoch, restore)
 
     def _decode(self, sample: Mapping[str, Any], epoch: int, restore: bool) -> tuple[torch.Tensor, int]:
-        name = f"{sample.get('__url__')}:{sample['__key__']}"
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None or "cls" not in sample:
-            raise DataError(
-                f"sample {name} has {sorted(k for k in sample if not k.startswith('__'))}: a sample "
-                f"needs an image ({', '.join(IMAGE_KEYS)}) and its class index (cls)"
-            )
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise DataError(f"sample {name}: cls={sample['cls'][:20]!r} is not a class index") from None
-        image = load_rgb(name, data=sample[key])
         states = generator_states() if restore else None
         seed_generators(sample_seed(self.seed, epoch, zlib.crc32(sample["__key__"].encode())))
         try:
-            return self.transform(image), label
+            return _decode(sample, self.transform)
         finally:
             if states is not None:  # in the training process itself (no workers): leave its generators alone
                 restore_generators(states)
+
+
+def _decode(sample: Mapping[str, Any], transform: Callable) -> tuple[torch.Tensor, int]:
+    """A shard's sample (its files by extension) as ``(transform(image), label)``."""
+    name = f"{sample.get('__url__')}:{sample['__key__']}"
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None or "cls" not in sample:
+        raise DataError(
+            f"sample {name} has {sorted(k for k in sample if not k.startswith('__'))}: a sample needs an image "
+            f"({', '.join(IMAGE_KEYS)}) and its class index (cls)"
+        )
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        raise DataError(f"sample {name}: cls={sample['cls'][:20]!r} is not a class index") from None
+    return transform(load_rgb(name, data=sample[key])), label
+
+
+class TarSamples(Dataset):
+    """The samples of tar shards with random access (each file's offset read from the tar headers once):
+    items ``(transform(image), label)``, as a map-style data set. The validation split, so that Lightning's
+    sampler gives every rank the same number of batches, with no sample left out."""
+
+    def __init__(self, shards: list[str], transform: Callable) -> None:
+        from webdataset.tariterators import base_plus_ext
+
+        self.transform = transform
+        self.samples: list[tuple[str, str, dict[str, tuple[int, int]]]] = []  # (shard, key, ext -> (offset, size))
+        for shard in shards:
+            found: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard, "r:") as tar:  # headers only: nothing is extracted
+                    for member in tar:
+                        key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                        if key is not None:
+                            found.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            except (OSError, tarfile.TarError) as err:
+                raise DataError(
+                    f"cannot read the tar shard {shard} ({err}): replace it, or convert the data again"
+                ) from None
+            self.samples += [(shard, key, files) for key, files in found.items()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        shard, key, files = self.samples[index]
+        with open(shard, "rb") as f:
+
+            def read(ext: str) -> bytes:
+                offset, size = files[ext]
+                f.seek(offset)
+                return f.read(size)
+
+            sample = {
+                "__url__": shard,
+                "__key__": key,
+                **{ext: read(ext) for ext in files if ext in (*IMAGE_KEYS, "cls")},
+            }
+        return _decode(sample, self.transform)
 
 
 class EpochLoader(DataLoader):
@@ -240,24 +287,22 @@ class WebDataModule(ClassificationDataModule):
     def class_names(self) -> list[str]:
         return list(self._classes)
 
-    def _build_datasets(self) -> tuple[Any, Any]:
-        return self._shards["train"], self._shards["val"]  # the streams are made per rank by the loaders
+    def _build_datasets(self) -> tuple[Any, TarSamples]:
+        # the training streams are made per rank by its loader; the validation split is map-style
+        return self._shards["train"], TarSamples(self._shards["val"][0], self._eval_tf)
 
-    def _stream(self, split: str, world_size: int, rank: int) -> ShardStream:
+    def _stream(self, world_size: int, rank: int) -> ShardStream:
         self.setup()
-        shards, counts = self._shards[split]
-        train = split == "train"
-        tf = self._train_tf if train else self._eval_tf
+        shards, counts = self._shards["train"]
         return ShardStream(
             shards,
             counts,
-            tf,
+            self._train_tf,
             self.seed,
             rank,
             world_size,
             self.num_workers,
             self.batch_size,
-            train,
             self.shuffle_buffer,
         )
 
@@ -267,7 +312,7 @@ class WebDataModule(ClassificationDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank = self._ranks()
-        stream = self._stream("train", world_size, rank)
+        stream = self._stream(world_size, rank)
         if stream.quota() < 1:
             raise DataError(
                 f"{len(stream.shards)} training shards for {stream.streams} streams ({world_size} rank(s) x "
@@ -283,9 +328,8 @@ class WebDataModule(ClassificationDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        world_size, rank = self._ranks()
-        stream = self._stream("val", world_size, rank)
-        return self._epoch_loader(stream, lambda: 0)
+        self.setup()
+        return self._loader(self.val_set)  # map-style: Lightning gives each rank an equal share
 
     def _epoch_loader(self, stream: ShardStream, epoch: Callable[[], int]) -> EpochLoader:
         # new workers each epoch: they take their copy of the stream, with its epoch, when they start
