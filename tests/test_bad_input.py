@@ -45,6 +45,7 @@ IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
 # (name, overrides given the tmp path, fragments the message must hold)
 CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ("missing data folder", lambda t: [*IMAGENET, f"data.data_dir={t / 'nowhere'}"], ["nowhere", "does not exist"]),
+    ("the base of the ImageNet sources", lambda t: ["data=imagenet_recipe"], ["no data module", "data=imagenet"]),
     ("empty data folder", lambda t: [*IMAGENET, f"data.data_dir={(t / 'empty').mkdir() or t / 'empty'}"], ["train"]),
     (
         "train/val classes differ",
@@ -246,8 +247,9 @@ def test_under_ddp_verify_drops_the_same_files_on_every_rank(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_under_ddp_ranks_that_list_different_data_stop_together(tmp_path: Path) -> None:
-    """Each rank lists the data itself; here rank 1 is given another tree (its LOCAL_RANK picks the folder),
-    as when files change between the listings: every rank stops with the one message, before any step."""
+    """Rank 0 lists the data, the others check the listing against what they see; here rank 1 is given another
+    tree (its LOCAL_RANK picks the folder), as a node with another copy: every rank stops, with one message
+    before any step."""
     small = write_image_tree(tmp_path / "d0", ["n01", "n02"], train_per_class=4)
     large = write_image_tree(tmp_path / "d1", ["n01", "n02"], train_per_class=5)
     data_dir = "data.data_dir='${oc.env:DATA_${oc.env:LOCAL_RANK,0}}'"  # quoted: resolved in each rank
@@ -261,5 +263,8 @@ def test_under_ddp_ranks_that_list_different_data_stop_together(tmp_path: Path) 
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "rank 0: 8 train / 4 val, rank 1: 10 train / 4 val" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    messages = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(messages) == 1, proc.stderr[-3000:]  # rank 0 prints it; rank 1 stops with it, quietly
+    assert messages[0].startswith("Error: rank 1: the data it sees is not what rank 0 listed"), messages
+    assert "Give every rank the same data" in proc.stderr
+    assert "train/n02: 4 images and 0 folders then, 5 and 0 now" in proc.stderr and "Traceback" not in proc.stderr

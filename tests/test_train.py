@@ -150,7 +150,7 @@ def test_help_lists_the_config_groups(tmp_path):
     out = proc.stdout
     for group, options in (
         ("model", "dynamixer_l, dynamixer_m, dynamixer_s, dynamixer_tiny"),
-        ("data", "cifar, digits, imagenet"),
+        ("data", "cifar, digits, hf, imagenet, imagenet_recipe, wds"),
         ("optimizer", "adamw, sgd"),
         ("hardware", "cpu, default, gpu, gpu8_ddp, slurm, slurm_cpu"),
     ):

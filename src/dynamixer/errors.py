@@ -29,6 +29,11 @@ class DataError(UserError, ValueError):
     """A dataset is missing, malformed or unreadable; the message names the path and the fix."""
 
 
+class SharedDataError(DataError):
+    """A `DataError` that rank 0 raised and prints, raised on the other ranks too so that all stop together:
+    they exit with its status without printing it again."""
+
+
 class HardwareError(UserError, RuntimeError):
     """The trainer asks for devices this machine does not have."""
 

@@ -14,15 +14,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
-from dynamixer.errors import ConfigError, DataError
+from dynamixer.errors import ConfigError, DataError, SharedDataError
 from dynamixer.lightning_internals import batches_done
+
+
+def _distributed() -> tuple[bool, int, int]:
+    """(whether a process group runs, this rank, the rank count)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return False, 0, 1
 
 
 def rank_zero_first(work: Callable[[], None]) -> None:
     """Run `work` on rank 0 of a distributed run (or in a single process) while the other ranks wait: a listing
-    or a cache that one rank makes and all read. A `DataError` it raises stops every rank with its message."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
+    or a cache that one rank makes and all read. A `DataError` it raises stops every rank with its message
+    (printed by rank 0 only: the others raise it as a `SharedDataError`)."""
+    distributed, rank, _ = _distributed()
     error: DataError | None = None
     if rank == 0:
         try:
@@ -33,9 +40,24 @@ def rank_zero_first(work: Callable[[], None]) -> None:
         message = [None if error is None else str(error)]
         torch.distributed.broadcast_object_list(message, src=0)
         if rank != 0 and message[0] is not None:
-            raise DataError(message[0])
+            raise SharedDataError(message[0])
     if error is not None:
         raise error
+
+
+def stop_together(problem: str | None) -> None:
+    """Every rank says what it found wrong (`problem`, or None); if any rank did, every rank stops with one
+    `DataError` naming each rank's problem (printed by rank 0: the others raise a `SharedDataError`)."""
+    distributed, rank, world = _distributed()
+    found: list[Any] = [problem]
+    if distributed:
+        found = [None] * world
+        torch.distributed.all_gather_object(found, problem)
+    problems = [(r, p) for r, p in enumerate(found) if p is not None]
+    if not problems:
+        return
+    message = "\n".join(p if world == 1 else f"rank {r}: {p}" for r, p in problems)
+    raise (DataError if rank == 0 else SharedDataError)(message)
 
 
 class InMemoryImages(Dataset):

@@ -5,7 +5,7 @@ did it again. A `FileIndex` records each folder walked under a split (its modifi
 subfolders, its image files and their sizes) with a digest of the whole. It is written once (rank 0 of
 the first start) and read back afterwards: a restart only stats the folders (about 2,000 for ImageNet),
 lists again only those whose time changed (a copy of the data to a node's local disk: all of them, once),
-and refuses, naming the folder, when a listing differs from the one the run started with.
+and lets the caller refuse, naming the folder, a listing that differs from the one the run started with.
 
 The index file is read as plain data: gzip-compressed JSON, its size bounded, every name checked to stay
 inside the split's folder.
@@ -169,10 +169,10 @@ class FileIndex:
             raise damaged
         return cls(splits)
 
-    def refresh(self, roots: dict[str, Path]) -> bool:
+    def refresh(self, roots: dict[str, Path]) -> tuple[bool, list[str]]:
         """Check the index against the folders: each folder whose time changed is listed again and must hold
-        the same subfolders and files (name and size); its new time is kept. True if any time changed (the
-        index should be written again). `DataError` naming the folders that differ."""
+        the same subfolders and files (name and size); its new time is kept. Returns whether any time changed
+        (the index should be written again) and the folders that differ, each with what it held and holds."""
         changed, differ = False, []
         for split, folders in self.splits.items():
             for rel, entry in folders.items():
@@ -190,12 +190,11 @@ class FileIndex:
                         f"{len(now['files'])} and {len(now['dirs'])} now"
                     )
                 entry["mtime_ns"], changed = now["mtime_ns"], True
-        if differ:
-            listed = "".join(f"\n  {d}" for d in differ[:_LISTED])
-            more = f"\n  ... and {len(differ) - _LISTED} more" if len(differ) > _LISTED else ""
-            raise DataError(
-                f"the data under {', '.join(str(r) for r in roots.values())} changed since this run listed it "
-                f"({len(differ)} folder(s) differ):{listed}{more}\nA resumed run trains on the data it started with: "
-                "restore those files, or start a new run (a new run folder) to train on the changed data"
-            )
-        return changed
+        return changed, differ
+
+
+def describe_differences(roots: dict[str, Path], differ: list[str]) -> str:
+    """The folders that differ, a few of them by name, for a message."""
+    listed = "".join(f"\n  {d}" for d in differ[:_LISTED])
+    more = f"\n  ... and {len(differ) - _LISTED} more" if len(differ) > _LISTED else ""
+    return f"under {', '.join(str(r) for r in roots.values())}, {len(differ)} folder(s) differ:{listed}{more}"

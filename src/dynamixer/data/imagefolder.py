@@ -14,8 +14,8 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from dynamixer.data.base import ClassificationDataModule, rank_zero_first
-from dynamixer.data.file_index import FileIndex, images_under
+from dynamixer.data.base import ClassificationDataModule, rank_zero_first, stop_together
+from dynamixer.data.file_index import FileIndex, describe_differences, images_under
 from dynamixer.data.images import load_rgb
 from dynamixer.data.val_labels import SEARCHED, find_label_file, read_val_labels
 from dynamixer.errors import DataError
@@ -236,7 +236,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         return len(self.corrupt_files)
 
     def _file_index(self) -> FileIndex:
-        """The listing of both splits: built, or (with ``index_file``) read and checked on rank 0 first."""
+        """The listing of both splits: built, or (with ``index_file``) made or checked by rank 0 and then read
+        by every other rank, each checking it against the data it sees."""
         roots = {split: self.data_dir / split for split in SPLITS}
         if self.index_file is None:
             return FileIndex.build(roots)
@@ -250,7 +251,14 @@ class ImageFolderDataModule(ClassificationDataModule):
                         f"{path} is the index of another data set (splits {sorted(index.splits)}). "
                         "Delete it to list this one, or set data.index_file to another file"
                     )
-                if index.refresh(roots):
+                changed, differ = index.refresh(roots)
+                if differ:
+                    raise DataError(
+                        f"the data changed since this run listed it ({describe_differences(roots, differ)})\n"
+                        "A resumed run trains on the data it started with: restore those files, or start a new "
+                        "run (a new run folder) to train on the changed data"
+                    )
+                if changed:
                     index.write(path)
             else:
                 index = FileIndex.build(roots)
@@ -259,13 +267,22 @@ class ImageFolderDataModule(ClassificationDataModule):
 
         rank_zero_first(on_rank_zero)
         if made:
+            stop_together(None)
             return made[0]
         if not path.is_file():
-            raise DataError(
+            stop_together(
                 f"rank 0 wrote the data index {path}, but this node does not see it: put paths.output_dir (or "
                 "data.index_file) on a file system every node shares"
             )
-        return FileIndex.read(path)
+        index = FileIndex.read(path)
+        _, differ = index.refresh(roots)  # a node's own copy of the data: listed again where its times differ
+        stop_together(
+            f"the data it sees is not what rank 0 listed ({describe_differences(roots, differ)}). Give every "
+            "rank the same data (data.data_dir) and start again"
+            if differ
+            else None
+        )
+        return index
 
     def _samples(self, index: FileIndex) -> dict[str, list[tuple[str, int]]]:
         """``(path, label)`` of each split, from the index."""

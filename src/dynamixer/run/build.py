@@ -42,6 +42,11 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
+    if "_target_" not in cfg.data:  # conf/data/imagenet_recipe.yaml: the base of the ImageNet sources
+        raise ConfigError(
+            "this data option names no data module (imagenet_recipe is the shared base of data=imagenet, data=hf "
+            "and data=wds): choose one of those, or digits or cifar"
+        )
     datamodule = instantiate_checked(cfg.data)
     if datamodule.num_classes < 2:
         raise DataError(

@@ -23,7 +23,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue
 
 from dynamixer import signals
-from dynamixer.errors import EXIT_USER_ERROR, UserError
+from dynamixer.errors import EXIT_USER_ERROR, SharedDataError, UserError
 from dynamixer.utils.launch import uncompleted_slurm_jobs
 
 USER_ERRORS = (UserError, ConfigCompositionException, OverrideParseException, MissingMandatoryValue)
@@ -45,7 +45,8 @@ def user_message(err: BaseException) -> str:
 def _exit_with_message(err: BaseException, traces: bool | None = None) -> None:
     if os.environ.get(_TRACES_ASKED) == "1" if traces is None else traces:
         raise err
-    print(f"Error: {user_message(err)}", file=sys.stderr)
+    if not isinstance(err, SharedDataError):  # that one, rank 0 prints
+        print(f"Error: {user_message(err)}", file=sys.stderr)
     raise SystemExit(EXIT_USER_ERROR) from None
 
 
