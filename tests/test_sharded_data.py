@@ -118,7 +118,7 @@ def streams(root: Path, world_size: int, workers: int, epoch: int, **kw) -> list
     shards, counts = dm._shards["train"]
     keys = []
     for rank in range(world_size):
-        stream = ShardStream(shards, counts, lambda img: img, 0, rank, world_size, workers, 2, 4, **kw)
+        stream = ShardStream(shards, counts, lambda img: img, 0, rank, world_size, workers, 2, 4, 3, **kw)
         stream.epoch = epoch
         for shard_ids in stream.dealt(epoch)[rank * max(1, workers) : (rank + 1) * max(1, workers)]:
             stages = wds.DataPipeline(wds.SimpleShardList([shards[i] for i in shard_ids]), wds.tarfile_to_samples())

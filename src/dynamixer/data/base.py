@@ -27,20 +27,24 @@ def _distributed() -> tuple[bool, int, int]:
 
 def rank_zero_first(work: Callable[[], None]) -> None:
     """Run `work` on rank 0 of a distributed run (or in a single process) while the other ranks wait: a listing
-    or a cache that one rank makes and all read. A `DataError` it raises stops every rank with its message
-    (printed by rank 0 only: the others raise it as a `SharedDataError`)."""
+    or a cache that one rank makes and all read. If it fails, every rank stops: a `DataError` with its message
+    (printed by rank 0 only: the others raise it as a `SharedDataError`), any other error with its traceback on
+    rank 0 and a `RuntimeError` naming it on the others (which would otherwise wait for rank 0 forever)."""
     distributed, rank, _ = _distributed()
-    error: DataError | None = None
+    error: Exception | None = None
     if rank == 0:
         try:
             work()
-        except DataError as err:
+        except Exception as err:  # re-raised below, after the other ranks learnt of it
             error = err
     if distributed:
-        message = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(message, src=0)
-        if rank != 0 and message[0] is not None:
-            raise SharedDataError(message[0])
+        told = [None if error is None else (isinstance(error, DataError), f"{type(error).__name__}: {error}")]
+        torch.distributed.broadcast_object_list(told, src=0)
+        if rank != 0 and told[0] is not None:
+            user, text = told[0]
+            if user:
+                raise SharedDataError(text.split(": ", 1)[1])
+            raise RuntimeError(f"rank 0 failed while making what every rank reads ({text}); see its traceback")
     if error is not None:
         raise error
 

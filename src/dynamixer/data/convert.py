@@ -12,6 +12,8 @@ so every shard mixes the classes; the validation split keeps its order.
   `ClassLabel` features `datasets` reads back.
 * wds: `<out>/{train,val}-000000.tar`, ... (samples `<key>.jpg`, `<key>.cls`, `<key>.json`) and `<out>/info.json`
   with the class names and each shard's sample count.
+
+A split is cut into `ceil(its bytes / --shard-size)` shards of equal sample counts (within one).
 """
 
 from __future__ import annotations
@@ -44,16 +46,12 @@ def parse_size(text: str) -> int:
 
 
 def shard_plan(sizes: Sequence[int], shard_bytes: int) -> list[range]:
-    """Consecutive runs of the samples, each at most `shard_bytes` (a larger image gets a shard alone)."""
-    shards, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > shard_bytes:
-            shards.append(range(start, i))
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        shards.append(range(start, len(sizes)))
-    return shards
+    """Consecutive runs of the samples, as many as `shard_bytes` asks for the whole (`ceil(total / shard_bytes)`),
+    of equal counts (within one): a WebDataset epoch trains as many batches as its smallest deal of shards."""
+    n = len(sizes)
+    shards = max(1, min(n, -(-sum(sizes) // shard_bytes)))
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _wds_extension(path: str) -> str:

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from dynamixer.errors import DataError
 
 INDEX_FORMAT = 1
-_MAX_BYTES = 1 << 30  # the decompressed index of ImageNet is ~60 MB; more is not an index of ours
+_MAX_BYTES = 256 << 20  # the decompressed index of ImageNet is ~60 MB; more is not an index of ours
 _LISTED = 5  # differing folders named in a message
 
 Folder = dict[str, Any]  # {"mtime_ns": int, "dirs": [name, ...], "files": [[name, size], ...]}
@@ -88,19 +89,21 @@ def _digest(splits: dict[str, dict[str, Folder]]) -> str:
 _NOT_NAMES = {"", ".", ".."}
 
 
-def _plain_names(names: list[Any]) -> bool:
-    """True if every one of `names` is a file or folder name: a string, not empty, `.` or `..`, no `/`."""
+def _plain_names(names: list[Any], distinct: bool = True) -> bool:
+    """True if `names` are (`distinct`) file or folder names: strings, not empty, `.` or `..`, with no `/`."""
     try:
         joined = "\0".join(names)  # one pass in C: a TypeError for anything that is not a string
     except TypeError:
         return False
     if not names:
         return True
-    return "/" not in joined and joined.count("\0") == len(names) - 1 and not _NOT_NAMES & set(names)
+    unique = set(names)  # a name listed twice would be a sample twice
+    plain = "/" not in joined and joined.count("\0") == len(names) - 1 and not _NOT_NAMES & unique
+    return plain and (len(unique) == len(names) or not distinct)
 
 
 def _check_folder(rel: Any, entry: Any) -> bool:
-    if not isinstance(rel, str) or not (rel == "" or _plain_names(rel.split("/"))):
+    if not isinstance(rel, str) or not (rel == "" or _plain_names(rel.split("/"), distinct=False)):
         return False
     if not isinstance(entry, dict) or type(entry.get("mtime_ns")) is not int:
         return False
@@ -156,7 +159,7 @@ class FileIndex:
             with gzip.open(path, "rb") as f:
                 raw = f.read(_MAX_BYTES + 1)
             payload = json.loads(raw) if len(raw) <= _MAX_BYTES else None
-        except (OSError, EOFError, ValueError):
+        except (OSError, EOFError, ValueError, RecursionError, zlib.error):
             raise damaged from None
         splits = payload.get("splits") if isinstance(payload, dict) else None
         if (

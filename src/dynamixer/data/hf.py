@@ -8,6 +8,7 @@ order, the per-sample augmentation seeds and an exact mid-epoch resume work as f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,20 @@ class HFDataModule(ClassificationDataModule):
         self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser().absolute())
         self._saved = (self.data_dir / "dataset_dict.json").is_file()
         if self._saved:
-            self._opened = datasets.load_from_disk(str(self.data_dir))
+            self._check_saved_names()
+            try:
+                self._opened = datasets.load_from_disk(str(self.data_dir))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise DataError(
+                    f"cannot open {self.data_dir} as a save_to_disk folder ({err}): save it again"
+                ) from None
             missing = [s for s in self.splits.values() if s not in self._opened]
             if missing:
                 raise DataError(
                     f"{self.data_dir} (saved with save_to_disk) has the splits {sorted(self._opened)}, not {missing}: "
                     "set data.train_split and data.val_split to two of them"
                 )
-            features = self._opened[train_split].features
+            features = {s: self._opened[name].features for s, name in self.splits.items()}
         else:
             self._files = {s: _parquet_files(self.data_dir, name) for s, name in self.splits.items()}
             missing = [self.splits[s] for s, files in self._files.items() if not files]
@@ -107,10 +114,51 @@ class HFDataModule(ClassificationDataModule):
                     f"({', '.join(PARQUET_PATTERNS)}); parquet files found: {found or 'none'}. Point data_dir at "
                     "the data set's folder, or set data.train_split / data.val_split to its split names"
                 )
+            folders = {split: sorted({str(f.parent) for f in files}) for split, files in self._files.items()}
+            if any(len(f) > 1 for f in folders.values()):
+                raise DataError(
+                    f"the parquet files of a split lie in more than one folder under {self.data_dir} ({folders}): "
+                    "a second copy would count each image twice. Point data_dir at one copy"
+                )
+            import pyarrow
             import pyarrow.parquet as pq
 
-            features = datasets.Features.from_arrow_schema(pq.read_schema(self._files["train"][0]))
-        self._classes = self._check_features(features)
+            try:
+                features = {
+                    s: datasets.Features.from_arrow_schema(pq.read_schema(f[0])) for s, f in self._files.items()
+                }
+            except (OSError, ValueError, pyarrow.ArrowException) as err:
+                raise DataError(
+                    f"cannot read the parquet files under {self.data_dir} ({err}): download them again"
+                ) from None
+        self._classes = self._check_features(features["train"])
+        if self._check_features(features["val"]) != self._classes:
+            raise DataError(
+                f"the {train_split} and {val_split} splits of {self.data_dir} name other classes (data.label_key="
+                f"{self.label_key}): their labels would mean different things. Use splits of one data set"
+            )
+
+    def _check_saved_names(self) -> None:
+        """The splits and Arrow files a save_to_disk folder names must be plain names inside it: `datasets`
+        joins them to the folder as they are (`../` would map a file from elsewhere)."""
+        try:
+            splits = json.loads((self.data_dir / "dataset_dict.json").read_text()[: 1 << 20]).get("splits")
+            files = [
+                entry.get("filename")
+                for split in splits
+                for entry in json.loads((self.data_dir / split / "state.json").read_text()[: 1 << 24])["_data_files"]
+            ]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise DataError(f"{self.data_dir} is no readable save_to_disk folder ({err}): save it again") from None
+        plain = all(
+            isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n
+            for n in [*splits, *files]
+        )
+        if not plain:
+            raise DataError(
+                f"{self.data_dir}'s dataset_dict.json or state.json names files outside the folder "
+                f"({[*splits, *files][:5]}): save the data set again with save_to_disk"
+            )
 
     def _check_features(self, features: Any) -> list[str]:
         import datasets
@@ -130,8 +178,8 @@ class HFDataModule(ClassificationDataModule):
         return list(self._classes)
 
     def _open(self) -> dict[str, Any]:
-        if self._saved:
-            return {s: self._opened[name] for s, name in self.splits.items()}
+        if self._saved:  # as plain rows: a stored format (torch, arrow, ...) is not applied
+            return {s: self._opened[name].with_format(None) for s, name in self.splits.items()}
         import datasets
 
         opened: dict[str, Any] = {}
@@ -158,12 +206,14 @@ class HFDataModule(ClassificationDataModule):
         for split, rows in opened.items():
             if not len(rows):
                 continue
-            bounds = pyarrow.compute.min_max(rows.data.column(self.label_key))
+            labels = rows.data.column(self.label_key)
+            bounds = pyarrow.compute.min_max(labels)
             low, high = bounds["min"].as_py(), bounds["max"].as_py()
-            if low < 0 or high >= self.num_classes:
+            if labels.null_count or low < 0 or high >= self.num_classes:
                 raise DataError(
-                    f"the {self.splits[split]} split of {self.data_dir} holds labels from {low} to {high}, outside "
-                    f"0..{self.num_classes - 1} (an unlabelled test split has -1): choose a labelled split"
+                    f"the {self.splits[split]} split of {self.data_dir} holds labels from {low} to {high} "
+                    f"({labels.null_count} missing), outside 0..{self.num_classes - 1} (an unlabelled test split has "
+                    "-1): choose a labelled split"
                 )
         tfs = {"train": self._train_tf, "val": self._eval_tf}
         return tuple(

@@ -274,8 +274,11 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"rank 0 wrote the data index {path}, but this node does not see it: put paths.output_dir (or "
                 "data.index_file) on a file system every node shares"
             )
-        index = FileIndex.read(path)
-        _, differ = index.refresh(roots)  # a node's own copy of the data: listed again where its times differ
+        try:
+            index = FileIndex.read(path)
+            _, differ = index.refresh(roots)  # a node's own copy of the data: listed again where its times differ
+        except (DataError, OSError) as err:  # told to every rank, which would otherwise wait for this one
+            stop_together(f"cannot read the data index rank 0 wrote: {err}")
         stop_together(
             f"the data it sees is not what rank 0 listed ({describe_differences(roots, differ)}). Give every "
             "rank the same data (data.data_dir) and start again"

@@ -19,6 +19,7 @@ KAGGLE = "LOC_val_solution.csv"
 DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 # where a label file is looked for when data.val_labels is not given, relative to data_dir and its parents
 SEARCHED = (KAGGLE, f"ILSVRC2012_devkit_t12/data/{DEVKIT_TRUTH}")
+_MAX_BYTES = 64 << 20  # ImageNet's are 2.3 MB (Kaggle) and 0.2 MB (devkit)
 
 
 def find_label_file(data_dir: Path) -> Path | None:
@@ -31,8 +32,11 @@ def find_label_file(data_dir: Path) -> Path | None:
 
 
 def _kaggle(path: Path) -> dict[str, str]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f.read(_MAX_BYTES).splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read {path} as Kaggle's LOC_val_solution.csv ({err})") from None
     if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
         raise DataError(f"{path} is not Kaggle's LOC_val_solution.csv: its header is not 'ImageId,PredictionString'")
     labels = {}
@@ -50,10 +54,22 @@ def _devkit(path: Path, val_files: list[str]) -> dict[str, str]:
     meta = path.with_name("meta.mat")
     if not meta.is_file():
         raise DataError(f"{path} needs the devkit's {meta.name} beside it (ILSVRC2012 IDs -> WNIDs); it is missing")
-    synsets = loadmat(meta, squeeze_me=True)["synsets"]
-    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    ids = [int(line) for line in path.read_text().split()]
+    try:
+        synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        ids = [int(line) for line in path.read_text()[:_MAX_BYTES].split()]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError) as err:
+        raise DataError(
+            f"cannot read the devkit's {meta.name} and {path.name} ({err}): unpack the devkit again"
+        ) from None
     stems = sorted(os.path.splitext(name)[0] for name in val_files)
+    expected = [f"ILSVRC2012_val_{i:08d}" for i in range(1, len(stems) + 1)]
+    if stems != expected:  # the file labels names by their place: one missing and one extra would shift all
+        odd = sorted(set(stems) ^ set(expected))[:3]
+        raise DataError(
+            f"{path} labels ILSVRC2012_val_00000001 ... in order, but the validation folder holds other names "
+            f"(e.g. {odd}): it must hold exactly those files, or use LOC_val_solution.csv (data.val_labels=...)"
+        )
     if len(ids) != len(stems):
         raise DataError(
             f"{path} holds {len(ids)} labels for {len(stems)} images in the validation folder: the devkit's file "

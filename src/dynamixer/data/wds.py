@@ -24,10 +24,10 @@ same number of batches (the ranks meet at each batch's end) and no sample is lef
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dynamixer.data.base import ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
@@ -44,7 +46,46 @@ from dynamixer.data.sampling import generator_states, restore_generators, sample
 from dynamixer.errors import ConfigError, DataError
 from dynamixer.lightning_internals import epoch_being_trained
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "ppm")
+IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # what the converter writes: the folder source's
+MAX_MEMBER_BYTES = 64 << 20  # a file of a sample, read whole into memory: an ImageNet JPEG is ~110 kB
+_MAX_INFO_BYTES = 64 << 20
+
+
+def _tar_files(path: str) -> Iterator[dict[str, Any]]:
+    """The regular files of the uncompressed tar at `path`, in order, as webdataset's file records
+    (`fname`, `data`, `__url__`); opened here, not through webdataset's URL opener (which takes `pipe:` and
+    rewrites from the environment). A member over `MAX_MEMBER_BYTES`, or a file that is no plain tar,
+    raises `DataError`."""
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    raise DataError(
+                        f"{path}: {member.name} is {member.size} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB a "
+                        "sample's file may hold: remove it, or convert the data again"
+                    )
+                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"cannot read the tar shard {path} ({err}): replace it, or convert the data again") from None
+
+
+def _counted(shards: list[str], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The samples of `shards` in order (webdataset's grouping of a tar's files by key), each shard's count
+    checked against `info.json`'s: a stream that ended early would train fewer steps than the other ranks."""
+    from webdataset.tariterators import group_by_keys
+
+    for shard in shards:
+        found = 0
+        for sample in group_by_keys(_tar_files(shard)):
+            found += 1
+            yield sample
+        if found != counts[shard]:
+            raise DataError(
+                f"{shard} holds {found} samples, its info.json says {counts[shard]}: the shard or info.json was "
+                "changed; convert the data again"
+            )
 
 
 class ShardStream(IterableDataset):
@@ -63,8 +104,9 @@ class ShardStream(IterableDataset):
         workers: int,
         batch_size: int,
         shuffle_buffer: int,
+        num_classes: int,
     ) -> None:
-        self.shards, self.counts, self.transform = shards, counts, transform
+        self.shards, self.counts, self.transform, self.num_classes = shards, counts, transform, num_classes
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.epoch, self.start = 0, 0
@@ -106,9 +148,9 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         rng = random.Random(int(sample_seed(self.seed, epoch, stream)))
+        counts = dict(zip(self.shards, self.counts))
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(),
+            lambda: _counted(urls, counts),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
         )
         for sample in islice(pipeline, skip, stop):
@@ -116,15 +158,20 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: Mapping[str, Any], epoch: int, restore: bool) -> tuple[torch.Tensor, int]:
         states = generator_states() if restore else None
-        seed_generators(sample_seed(self.seed, epoch, zlib.crc32(sample["__key__"].encode())))
+        seed_generators(sample_seed(self.seed, epoch, _key_number(sample["__key__"])))
         try:
-            return _decode(sample, self.transform)
+            return _decode(sample, self.transform, self.num_classes)
         finally:
             if states is not None:  # in the training process itself (no workers): leave its generators alone
                 restore_generators(states)
 
 
-def _decode(sample: Mapping[str, Any], transform: Callable) -> tuple[torch.Tensor, int]:
+def _key_number(key: str) -> int:
+    """A sample's key as the number its augmentation seed is drawn from (64 bits of its sha256)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def _decode(sample: Mapping[str, Any], transform: Callable, num_classes: int) -> tuple[torch.Tensor, int]:
     """A shard's sample (its files by extension) as ``(transform(image), label)``."""
     name = f"{sample.get('__url__')}:{sample['__key__']}"
     key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -136,7 +183,12 @@ def _decode(sample: Mapping[str, Any], transform: Callable) -> tuple[torch.Tenso
     try:
         label = int(sample["cls"])
     except ValueError:
-        raise DataError(f"sample {name}: cls={sample['cls'][:20]!r} is not a class index") from None
+        label = -1
+    if not 0 <= label < num_classes:
+        raise DataError(
+            f"sample {name}: cls={sample['cls'][:20]!r} is not a class index of the {num_classes} classes in "
+            "info.json: convert the data again"
+        )
     return transform(load_rgb(name, data=sample[key])), label
 
 
@@ -145,24 +197,30 @@ class TarSamples(Dataset):
     items ``(transform(image), label)``, as a map-style data set. The validation split, so that Lightning's
     sampler gives every rank the same number of batches, with no sample left out."""
 
-    def __init__(self, shards: list[str], transform: Callable) -> None:
+    def __init__(self, shards: list[str], counts: list[int], transform: Callable, num_classes: int) -> None:
         from webdataset.tariterators import base_plus_ext
 
-        self.transform = transform
+        self.transform, self.num_classes = transform, num_classes
         self.samples: list[tuple[str, str, dict[str, tuple[int, int]]]] = []  # (shard, key, ext -> (offset, size))
-        for shard in shards:
+        for shard, count in zip(shards, counts):
             found: dict[str, dict[str, tuple[int, int]]] = {}
             try:
-                with tarfile.open(shard, "r:") as tar:  # headers only: nothing is extracted
+                with tarfile.open(shard, "r:") as tar:  # an uncompressed tar's headers: nothing is extracted
                     for member in tar:
                         key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                        if key is not None:
+                        if key is not None and member.size <= MAX_MEMBER_BYTES:
                             found.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
             except (OSError, tarfile.TarError) as err:
                 raise DataError(
                     f"cannot read the tar shard {shard} ({err}): replace it, or convert the data again"
                 ) from None
-            self.samples += [(shard, key, files) for key, files in found.items()]
+            kept = {k: f for k, f in found.items() if "cls" in f and any(e in f for e in IMAGE_KEYS)}
+            if len(kept) != count or len(found) != count:
+                raise DataError(
+                    f"{shard} holds {len(kept)} samples with an image (at most {MAX_MEMBER_BYTES >> 20} MiB) and a "
+                    f"cls among {len(found)} keys, its info.json says {count}: convert the data again"
+                )
+            self.samples += [(shard, key, files) for key, files in kept.items()]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -181,7 +239,7 @@ class TarSamples(Dataset):
                 "__key__": key,
                 **{ext: read(ext) for ext in files if ext in (*IMAGE_KEYS, "cls")},
             }
-        return _decode(sample, self.transform)
+        return _decode(sample, self.transform, self.num_classes)
 
 
 class EpochLoader(DataLoader):
@@ -241,10 +299,19 @@ class WebDataModule(ClassificationDataModule):
         if not path.is_file():
             raise DataError(f"no {path}: data=wds reads {expected}")
         try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_INFO_BYTES + 1)
+            info = json.loads(raw) if len(raw) <= _MAX_INFO_BYTES else None
+        except (OSError, ValueError, RecursionError) as err:
             raise DataError(f"{path} is not JSON ({err}): data=wds reads {expected}") from None
-        ok = isinstance(info, dict) and info.get("format") == WDS_FORMAT and isinstance(info.get("classes"), list)
+        classes = info.get("classes") if isinstance(info, dict) else None
+        ok = (
+            isinstance(info, dict)
+            and info.get("format") == WDS_FORMAT
+            and isinstance(classes, list)
+            and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes) >= 1
+        )
         splits = info.get("splits") if ok else None
         if (
             not ok
@@ -258,6 +325,8 @@ class WebDataModule(ClassificationDataModule):
                 and all(isinstance(c, int) and c >= 0 for c in s["counts"])
                 for s in splits.values()
             )
+            or any(len(set(s["shards"])) != len(s["shards"]) for s in splits.values())  # a shard read twice
+            or len({n for s in splits.values() for n in s["shards"]}) != sum(len(s["shards"]) for s in splits.values())
         ):
             raise DataError(f"{path} is not an info file of format {WDS_FORMAT}: data=wds reads {expected}")
         return info
@@ -269,6 +338,8 @@ class WebDataModule(ClassificationDataModule):
         known = info["splits"].get(split, {"shards": [], "counts": []})
         count = dict(zip(known["shards"], known["counts"]))
         names = list(braceexpand(pattern)) if pattern is not None else list(known["shards"])
+        if len(set(names)) != len(names):
+            raise DataError(f"data.{split}_shards={pattern} names a shard twice: give each shard once")
         unknown = [n for n in names if n not in count]
         if not names or unknown:
             raise DataError(
@@ -289,7 +360,7 @@ class WebDataModule(ClassificationDataModule):
 
     def _build_datasets(self) -> tuple[Any, TarSamples]:
         # the training streams are made per rank by its loader; the validation split is map-style
-        return self._shards["train"], TarSamples(self._shards["val"][0], self._eval_tf)
+        return self._shards["train"], TarSamples(*self._shards["val"], self._eval_tf, self.num_classes)
 
     def _stream(self, world_size: int, rank: int) -> ShardStream:
         self.setup()
@@ -304,6 +375,7 @@ class WebDataModule(ClassificationDataModule):
             self.num_workers,
             self.batch_size,
             self.shuffle_buffer,
+            self.num_classes,
         )
 
     def _ranks(self) -> tuple[int, int]:
@@ -318,6 +390,14 @@ class WebDataModule(ClassificationDataModule):
                 f"{len(stream.shards)} training shards for {stream.streams} streams ({world_size} rank(s) x "
                 f"{stream.workers} worker(s)) leave a stream less than one batch of {self.batch_size}: write more, "
                 "smaller shards (python -m dynamixer.data.convert ... --shard-size), or use fewer data.num_workers"
+            )
+        trained, total = stream.quota() * stream.streams * self.batch_size, sum(stream.counts)
+        if trained < 0.95 * total:
+            rank_zero_warn(
+                f"data=wds: an epoch trains {trained} of the {total} training samples: {len(stream.shards)} shards "
+                f"dealt to {stream.streams} streams ({world_size} rank(s) x {stream.workers} worker(s)) give every "
+                "stream only as many batches as the smallest deal holds. Write more shards of equal size "
+                "(python -m dynamixer.data.convert ... --shard-size), or use fewer data.num_workers"
             )
         trainer = self.trainer
         loader = self._epoch_loader(stream, lambda: epoch_being_trained(trainer) if trainer is not None else 0)
