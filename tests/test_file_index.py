@@ -71,8 +71,10 @@ def test_a_copy_of_the_data_is_listed_again_once_and_accepted(photos: Path, tmp_
         lambda p: p.write_bytes(b"not gzip"),
         lambda p: p.write_bytes(gzip.compress(json.dumps(_with_file(p, "../../etc/passwd")).encode())),
         lambda p: p.write_bytes(gzip.compress(json.dumps(_with_file(p, "extra.JPEG")).encode())),  # digest
+        lambda p: p.write_bytes(gzip.compress(json.dumps(_with_file(p, f"{WNIDS[0]}_train_0000.JPEG")).encode())),
+        lambda p: p.write_bytes(gzip.compress(b"[" * 100_000 + b"]" * 100_000)),
     ],
-    ids=["truncated", "not-gzip", "path-outside", "edited"],
+    ids=["truncated", "not-gzip", "path-outside", "edited", "a-file-twice", "nested-deep"],
 )
 def test_a_damaged_or_hostile_index_is_refused_naming_it(photos: Path, tmp_path: Path, damage) -> None:
     index = tmp_path / "data_index.json.gz"
@@ -86,7 +88,7 @@ def test_a_damaged_or_hostile_index_is_refused_naming_it(photos: Path, tmp_path:
 def _with_file(path: Path, name: str) -> dict:
     payload = json.loads(gzip.decompress(path.read_bytes()))
     payload["splits"]["train"][WNIDS[0]]["files"].append([name, 1])
-    if name.startswith(".."):
+    if name != "extra.JPEG":
         payload["digest"] = file_index._digest(payload["splits"])  # a well-formed digest: the names are refused
     return payload
 
@@ -133,6 +135,18 @@ def test_the_official_flat_val_folder_reads_kaggles_labels_and_the_devkits_alike
         )[1]
     ]
     assert devkit_val == expected
+
+
+def test_the_devkits_labels_need_the_official_file_names(photos: Path, tmp_path: Path) -> None:
+    flat = flatten_val(photos)
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    truth = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("1\n" * len(flat))
+    (photos / "val" / flat[2][0]).rename(photos / "val" / "ILSVRC2012_val_00000099.JPEG")  # one gone, one extra
+    with pytest.raises(DataError, match="holds other names") as err:
+        ImageFolderDataModule(str(photos), val_labels=str(truth)).setup()
+    assert "ILSVRC2012_val_00000003" in str(err.value) and "ILSVRC2012_val_00000099" in str(err.value)
 
 
 def test_a_flat_val_folder_without_labels_gets_one_message_naming_what_to_give(photos: Path) -> None:

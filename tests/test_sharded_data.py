@@ -4,6 +4,7 @@ made by the converter from a folder data set of real images and read back as tha
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ import webdataset as wds
 
 from dynamixer.data import DataError, HFDataModule, ImageFolderDataModule, WebDataModule
 from dynamixer.data.convert import main as convert_main
+from dynamixer.data.convert import shard_plan
 from dynamixer.data.wds import EpochLoader, ShardStream
 from dynamixer.errors import ConfigError
 from helpers import QUIET_FAST, run_dir, run_script, script_env
@@ -187,9 +189,86 @@ def test_wds_reads_only_the_shards_its_info_lists(shard_sets, tmp_path: Path) ->
         WebDataModule(str(shard_sets["folder"]), **SMALL)
 
 
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_wds_opens_its_shards_itself_and_no_environment_rewrites_them_to_a_command(
+    shard_sets, tmp_path: Path, monkeypatch
+) -> None:
+    marker = tmp_path / "ran"
+    # webdataset's URL opener would rewrite each shard path into this shell command
+    monkeypatch.setenv("GOPEN_REWRITE", f"{shard_sets['wds']}=pipe:touch {marker} #")
+    dm = WebDataModule(str(shard_sets["wds"]), **SMALL)
+    assert len(batches(dm.train_dataloader())) == 7 and len(list(dm.val_dataloader())) == 2
+    assert not marker.exists()
+
+
+def test_a_shard_that_holds_other_than_its_info_says_is_refused_naming_it(shard_sets, tmp_path: Path) -> None:
+    data = copy_of(shard_sets["wds"], tmp_path)
+    info = json.loads((data / "info.json").read_text())
+    info["splits"]["train"]["counts"] = [c + 1 for c in info["splits"]["train"]["counts"]]
+    (data / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"train-0000\d\d.tar holds \d samples, its info.json says \d"):
+        batches(WebDataModule(str(data), **SMALL).train_dataloader())  # a stream that ends early
+    info["splits"]["val"]["counts"][0] += 1
+    (data / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="val-000000.tar holds 3 samples with an image"):
+        WebDataModule(str(data), **SMALL).setup()
+
+
+def test_a_class_index_outside_the_classes_is_refused_naming_the_sample(shard_sets, tmp_path: Path) -> None:
+    data = copy_of(shard_sets["wds"], tmp_path)
+    shard = data / "val-000000.tar"
+    samples = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
+    with wds.TarWriter(str(shard)) as sink:
+        for i, sample in enumerate(samples):
+            kept = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            sink.write(kept | ({"cls": b"7"} if i == 0 else {}))
+    dm = WebDataModule(str(data), **SMALL)
+    dm.setup()
+    with pytest.raises(DataError, match=r"val-000000.tar:\w+: cls=b'7' is not a class index of the 3 classes"):
+        dm.val_set[0]
+
+
+def test_the_converter_cuts_a_split_into_shards_of_equal_counts() -> None:
+    sizes = [100, 5000, 120, 90, 4000, 110, 130, 100, 95, 3000]  # 12,745 bytes
+    plan = shard_plan(sizes, 3000)
+    assert len(plan) == 5 and [len(r) for r in plan] == [2, 2, 2, 2, 2]
+    assert [i for r in plan for i in r] == list(range(10))
+    assert [len(r) for r in shard_plan(sizes[:7], 4000)] == [2, 2, 3]  # ceil(9,550 / 4,000) = 3
+
+
+def test_hf_refuses_a_saved_folder_that_names_files_outside_it_or_splits_of_other_classes(shard_sets, tmp_path) -> None:
+    import datasets
+
+    data = copy_of(shard_sets["saved"], tmp_path)
+    state = data / "train" / "state.json"
+    saved = json.loads(state.read_text())
+    saved["_data_files"][0]["filename"] = "../../elsewhere.arrow"
+    state.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match="names files outside the folder"):
+        HFDataModule(str(data), **SMALL)
+
+    rows = {"image": [{"bytes": b"x", "path": "a.JPEG"}], "label": [0]}
+    other = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                rows, features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+            )
+            for split, names in (("train", ["a", "b"]), ("validation", ["b", "a"]))
+        }
+    )
+    other.save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(DataError, match="name other classes"):
+        HFDataModule(str(tmp_path / "other"), **SMALL)
+
+
 def test_too_few_shards_for_the_streams_get_one_message_naming_the_fix(shard_sets) -> None:
     dm = WebDataModule(str(shard_sets["wds"]), **{**SMALL, "num_workers": 8})
-    with pytest.raises(DataError, match="10 training shards for 8 streams") as err:
+    with pytest.raises(DataError, match="9 training shards for 8 streams") as err:
         dm.train_dataloader()
     assert "--shard-size" in str(err.value)
 

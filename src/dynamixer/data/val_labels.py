@@ -51,6 +51,15 @@ def _kaggle(path: Path) -> dict[str, str]:
 def _devkit(path: Path, val_files: list[str]) -> dict[str, str]:
     from scipy.io import loadmat  # the devkit's MATLAB file: arrays only (loadmat runs no code)
 
+    stems = sorted(os.path.splitext(name)[0] for name in val_files)
+    expected = [f"ILSVRC2012_val_{i:08d}" for i in range(1, len(stems) + 1)]
+    if stems != expected:  # the file labels names by their place: one missing and one extra would shift all
+        odd = sorted(set(stems) ^ set(expected))[:3]
+        raise DataError(
+            f"{path} labels ILSVRC2012_val_00000001 ... in order, but the validation folder holds other names "
+            f"(e.g. {odd}): it must hold exactly those files, or use LOC_val_solution.csv (data.val_labels=...)"
+        )
+
     meta = path.with_name("meta.mat")
     if not meta.is_file():
         raise DataError(f"{path} needs the devkit's {meta.name} beside it (ILSVRC2012 IDs -> WNIDs); it is missing")
@@ -62,14 +71,6 @@ def _devkit(path: Path, val_files: list[str]) -> dict[str, str]:
         raise DataError(
             f"cannot read the devkit's {meta.name} and {path.name} ({err}): unpack the devkit again"
         ) from None
-    stems = sorted(os.path.splitext(name)[0] for name in val_files)
-    expected = [f"ILSVRC2012_val_{i:08d}" for i in range(1, len(stems) + 1)]
-    if stems != expected:  # the file labels names by their place: one missing and one extra would shift all
-        odd = sorted(set(stems) ^ set(expected))[:3]
-        raise DataError(
-            f"{path} labels ILSVRC2012_val_00000001 ... in order, but the validation folder holds other names "
-            f"(e.g. {odd}): it must hold exactly those files, or use LOC_val_solution.csv (data.val_labels=...)"
-        )
     if len(ids) != len(stems):
         raise DataError(
             f"{path} holds {len(ids)} labels for {len(stems)} images in the validation folder: the devkit's file "
