@@ -152,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"Error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:  # the output folder: no room, no permission
+        print(
+            f"Error: cannot write the shards into {args.out} ({err}): give a folder with room that you can write",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     for split, info in written["splits"].items():
         print(f"{split}: {sum(info['counts'])} images in {len(info['shards'])} shard(s) under {args.out}")
     return 0
