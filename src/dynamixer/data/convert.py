@@ -152,9 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"Error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as err:  # the output folder: no room, no permission
+    except OSError as err:  # a source file that cannot be read, an output folder without room or permission
         print(
-            f"Error: cannot write the shards into {args.out} ({err}): give a folder with room that you can write",
+            f"Error: cannot convert: {err.filename or args.out}: {err.strerror or err}. Check that the source can be "
+            "read and that the output folder has room and can be written",
             file=sys.stderr,
         )
         return EXIT_USER_ERROR
