@@ -20,6 +20,10 @@ are those of the uninterrupted run. The order depends on the worker count, so a 
 The validation shards are read with random access instead (`TarSamples`: each file's offset taken from the
 tar headers once), as a map-style data set that Lightning shards over the ranks: every rank evaluates the
 same number of batches (the ranks meet at each batch's end) and no sample is left out.
+
+Every shard is opened here as a plain, uncompressed local tar (not through webdataset's URL opener, which
+runs `pipe:` commands and rewrites paths from the environment), each file of a sample at most
+`MAX_MEMBER_BYTES`, each shard's count checked against `info.json`'s and each class index against its classes.
 """
 
 from __future__ import annotations
