@@ -238,7 +238,7 @@ def test_the_converter_cuts_a_split_into_shards_of_equal_counts() -> None:
     plan = shard_plan(sizes, 3000)
     assert len(plan) == 5 and [len(r) for r in plan] == [2, 2, 2, 2, 2]
     assert [i for r in plan for i in r] == list(range(10))
-    assert [len(r) for r in shard_plan(sizes[:7], 4000)] == [2, 2, 3]  # ceil(9,550 / 4,000) = 3
+    assert [len(r) for r in shard_plan(sizes[:7], 4000)] == [2, 3, 2]  # ceil(9,550 / 4,000) = 3, 7 / 3 each
 
 
 def test_hf_refuses_a_saved_folder_that_names_files_outside_it_or_splits_of_other_classes(shard_sets, tmp_path) -> None:
