@@ -17,6 +17,11 @@ from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError, SharedDataError
 from dynamixer.lightning_internals import batches_done
 
+# ImageNet's loader and the paper's augmentation (conf/data/imagenet_recipe.yaml states all of it), for the
+# data modules of each ImageNet source: decoding needs workers, RandAugment and random erasing
+IMAGENET_DEFAULTS = {"num_workers": 8}
+IMAGENET_TRAIN_AUG = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+
 
 def _distributed() -> tuple[bool, int, int]:
     """(whether a process group runs, this rank, the rank count)."""

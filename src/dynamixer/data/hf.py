@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dynamixer.data.base import ClassificationDataModule, rank_zero_first
+from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule, rank_zero_first
 from dynamixer.data.images import load_rgb
 from dynamixer.errors import DataError
 
@@ -67,8 +67,8 @@ class HFDataModule(ClassificationDataModule):
     The features are read at construction (one file), the data in ``setup``.
     """
 
-    defaults = {"num_workers": 8}
-    default_train_aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+    defaults = IMAGENET_DEFAULTS
+    default_train_aug = IMAGENET_TRAIN_AUG
 
     def __init__(
         self,

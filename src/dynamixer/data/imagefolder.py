@@ -14,7 +14,13 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from dynamixer.data.base import ClassificationDataModule, rank_zero_first, stop_together
+from dynamixer.data.base import (
+    IMAGENET_DEFAULTS,
+    IMAGENET_TRAIN_AUG,
+    ClassificationDataModule,
+    rank_zero_first,
+    stop_together,
+)
 from dynamixer.data.file_index import FileIndex, describe_differences, images_under
 from dynamixer.data.images import load_rgb
 from dynamixer.data.val_labels import SEARCHED, find_label_file, read_val_labels
@@ -157,9 +163,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     ``skip_corrupt=True``, drops them from the samples up front with a warning.
     """
 
-    defaults = {"num_workers": 8}  # ImageNet decoding needs workers; the rest are the base defaults
-    # the paper's augmentation (conf/data/imagenet.yaml states all of it): RandAugment and random erasing
-    default_train_aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+    defaults = IMAGENET_DEFAULTS
+    default_train_aug = IMAGENET_TRAIN_AUG
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dynamixer.data.base import ClassificationDataModule
+from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
 from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
@@ -271,8 +271,8 @@ class WebDataModule(ClassificationDataModule):
     are read (no URLs, no ``pipe:``). See the module docstring for the order and the resume.
     """
 
-    defaults = {"num_workers": 8}
-    default_train_aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+    defaults = IMAGENET_DEFAULTS
+    default_train_aug = IMAGENET_TRAIN_AUG
 
     def __init__(
         self,
