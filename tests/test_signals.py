@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,23 @@ def test_after_training_sigterm_is_still_ours_and_ends_the_process(tmp_path: Pat
         assert signals.received() == [signal.SIGTERM]
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before and signals.received() == []
+
+
+def test_a_signal_held_blocked_since_start_up_reaches_our_handler_when_noted_begins() -> None:
+    """A SLURM job's Python starts with the stop signals blocked (hardware=slurm's setup): one sent before any
+    handler exists waits pending, and `noted` delivers it to ours (tests/test_slurm.py: the real job)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+        assert signal.SIGUSR2 in signal.sigpending()  # held: the default action (the end of the process) waits
+        with signals.noted():
+            assert signals.received() == [signal.SIGUSR2]
+            signals.acted_on()
+        assert signal.SIGUSR2 not in signal.sigpending()
+    finally:  # one still pending is dropped, not the end of pytest
+        before = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        signal.signal(signal.SIGUSR2, before)
 
 
 @pytest.mark.slow

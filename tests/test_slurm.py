@@ -177,13 +177,21 @@ def test_a_time_limit_warning_checkpoints_requeues_and_ends_as_an_uninterrupted_
     print(f"straight {straight.wall_s:.0f} s; warned {warned.wall_s:.0f} s, back {back_after:.0f} s after the stop")
 
 
+@pytest.mark.parametrize("moment", ["the job's Python", "the run's start"])
 def test_a_warning_during_start_up_stops_at_the_first_step_and_the_job_is_requeued(
-    slurm_cluster: SlurmCluster, tmp_path: Path
+    slurm_cluster: SlurmCluster, tmp_path: Path, moment: str
 ) -> None:
-    """The warning once the job's run has begun (its folder claimed) and before its first step: training
-    stops after step 1 with that step saved, the job is requeued and finishes."""
+    """The warning while the job starts: right after its Python starts (submitit's "Loading pickle": ~7 s of
+    imports and unpickling before any handler exists, hardware=slurm's setup holds the signal blocked until
+    ours is in place), or once the run has begun (its folder claimed) before its first step. Either way
+    training stops after step 1 with that step saved, the job is requeued and finishes."""
     sweep = Sweep(slurm_cluster, tmp_path, "early")
-    sweep.wait_for("the run's start", lambda: (sweep.job_dir / ".dynamixer-run").exists(), timeout=120)
+    claimed = sweep.job_dir / ".dynamixer-run"
+    if moment == "the job's Python":
+        sweep.wait_for(moment, lambda: "Loading pickle" in sweep.job_log(), timeout=120)
+        assert not claimed.exists()
+    else:
+        sweep.wait_for(moment, claimed.exists, timeout=120)
     assert sweep.steps() == []
     signal_job(slurm_cluster, sweep.job_id)
     sweep.wait_for("the stop's results.json", lambda: _status(sweep) not in (None, "requeuing"))
@@ -194,21 +202,6 @@ def test_a_warning_during_start_up_stops_at_the_first_step_and_the_job_is_requeu
     sweep.finish()
     assert_finished_whole(sweep)
     assert sweep.restarts() == 1 and sweep.steps() == list(range(TOTAL))
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: SIGUSR2 before submitit installs its handler kills the job")
-def test_a_warning_in_the_first_seconds_of_the_jobs_python_is_not_lost(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    """The warning right after the job's Python starts (submitit's "Loading pickle", ~7 s before train.py's
-    run): SIGUSR2's default action ends the process before submitit (or we) handle it, and SLURM marks the
-    job FAILED, not requeued. Fails today; it passes once something handles the signal from the first instant."""
-    sweep = Sweep(slurm_cluster, tmp_path, "earliest")
-    log_out = lambda: "".join(p.read_text() for p in (sweep.folder / ".submitit").glob("*/*_log.out"))  # noqa: E731
-    sweep.wait_for("the job's Python", lambda: "Loading pickle" in log_out(), timeout=120)
-    signal_job(slurm_cluster, sweep.job_id)
-    sweep.output()
-    assert sweep.proc.returncode == 0 and _status(sweep) == "finished", sweep.accounting()
 
 
 def test_a_preemption_from_outside_comes_back_and_loses_at_most_the_checkpoint_interval(

@@ -6,6 +6,9 @@ checkpointed and, for a requeue signal, the job requeued. A signal that training
 after the last step) ends the process with 128 + its number once the run's results are written. Lightning
 wraps SIGTERM in a handler of its own at the start of `fit` (it broadcasts from inside the handler, which can
 cross a collective the ranks are in); `take_back` puts ours in its place as training starts.
+
+A SLURM job's Python starts with these signals blocked (`hardware=slurm`'s setup): one that comes during its
+imports is held pending by the kernel, and delivered to our handler when `noted` unblocks them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def noted() -> Iterator[None]:
         yield  # handlers can only be set from the main thread
         return
     previous = {s: signal.signal(s, _note) for s in NOTED} if _depth == 0 else {}
+    if _depth == 0:  # a signal held pending since the process started is delivered to _note here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, NOTED)
     _depth += 1
     try:
         yield
