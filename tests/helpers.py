@@ -211,7 +211,7 @@ def write_shard_sets(root: str | os.PathLike, train_per_class: int = 10) -> dict
     (`DatasetDict.save_to_disk` of the same rows)."""
     import datasets
 
-    from dynamixer.data.convert import convert
+    from dynamixer.data.convert import as_dataset, convert
     from dynamixer.data.imagefolder import ImageFolderDataModule
 
     root = Path(root)
@@ -220,17 +220,8 @@ def write_shard_sets(root: str | os.PathLike, train_per_class: int = 10) -> dict
         sets[to] = root / to
         convert(sets["folder"], sets[to], to, shard_bytes)
     classes, samples = ImageFolderDataModule(str(sets["folder"]), num_workers=0).listing()
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-    splits = {
-        name: datasets.Dataset.from_dict(
-            {
-                "image": [{"bytes": Path(p).read_bytes(), "path": os.path.relpath(p, sets["folder"])} for p, _ in rows],
-                "label": [label for _, label in rows],
-            },
-            features=features,
-        )
-        for name, rows in (("train", samples["train"]), ("validation", samples["val"]))
-    }
+    splits = {"train": as_dataset(samples["train"], classes, sets["folder"])}
+    splits["validation"] = as_dataset(samples["val"], classes, sets["folder"])
     sets["saved"] = root / "saved"
     datasets.DatasetDict(splits).save_to_disk(str(sets["saved"]))
     return sets

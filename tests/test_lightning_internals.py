@@ -57,6 +57,14 @@ def test_the_data_position_the_stop_flag_and_the_save_bookkeeping_behave_as_read
     assert not (tmp_path / "last-v1.ckpt").exists()
 
 
+def test_the_stop_flag_broadcast_is_the_training_loop_s_and_can_be_skipped() -> None:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    loop = trainer.fit_loop.epoch_loop
+    assert "_broadcast_sigterm_tensor()" in inspect.getsource(type(loop).advance)  # what runs before each step
+    internals.skip_stop_flag_broadcast(trainer)
+    assert loop._broadcast_sigterm_tensor() is None
+
+
 def test_compiled_in_place_and_the_csv_writer_hooks_are_where_they_were() -> None:
     module = nn.Linear(2, 2)
     assert not internals.is_compiled(module)

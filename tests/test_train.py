@@ -23,11 +23,14 @@ from helpers import (
     QUIET_TRAIN,
     REPO,
     compose_train_config,
+    finish,
     read_checkpoint,
     run_dir,
     run_script,
     script_command,
     script_env,
+    start_script,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow  # trains models or runs the scripts
@@ -350,23 +353,52 @@ def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
     assert history[: e + 1] == saved["callbacks"]["MetricsHistory"]["history"]
 
 
+def count_reads_args(counts: Path, first: int, steps: int) -> list[str]:
+    """train.py overrides that count the host reads of `steps` steps from step `first` into `counts`."""
+    args = ["+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter"]
+    return args + [f"+callbacks.host_syncs.{k}={v}" for k, v in (("first", first), ("steps", steps), ("out", counts))]
+
+
+def assert_reads_only_at_log_intervals(counts: Path, first: int, steps: int, most: int) -> None:
+    """`counts` (HostSyncCounter's) holds no read in a step between two log intervals (every 10), and 1 to
+    `most` at each interval."""
+    reads = json.loads(counts.read_text())["host_reads"]
+    assert len(reads) == steps, reads
+    # reads[i] belongs to the step that took global step first + i to first + i + 1
+    at_log = {i: n for i, n in enumerate(reads) if (first + i + 1) % 10 == 0}
+    between = [n for i, n in enumerate(reads) if i not in at_log]
+    assert between == [0] * len(between), str(reads)
+    assert all(0 < n <= most for n in at_log.values()), reads
+
+
 def test_a_steady_training_step_reads_nothing_back_from_the_device(tmp_path):
     """The default digits run (validation off): counted in its main process (`HostSyncCounter`: every
     `aten._local_scalar_dense`, i.e. `.item()`, `bool(t)`), a step between two log intervals reads nothing from
     the device; a step at a log interval (every 10) reads the divergence check's flag and the logged loss.
     Before: 35 reads a step (torchvision's Normalize checking std per image, the loss in the progress bar,
     the divergence check every step)."""
-    counts = tmp_path / "reads.json"
-    first, steps = 5, 30  # after the first steps (optimizer state, first logs), 30 steps: three log intervals
+    counts, first, steps = tmp_path / "reads.json", 5, 30  # after the first steps: three log intervals
     args = [*QUIET_TRAIN, "trainer.limit_val_batches=0", "trainer.max_epochs=1", "run_name=reads"]
-    args += ["+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter"]
-    args += [f"+callbacks.host_syncs.first={first}", f"+callbacks.host_syncs.steps={steps}"]
-    args += [f"+callbacks.host_syncs.out={counts}"]
-    run_script("train.py", args, cwd=tmp_path)
-    reads = json.loads(counts.read_text())["host_reads"]
-    assert len(reads) == steps, reads
-    # reads[i] belongs to the step that took global step first + i to first + i + 1
-    at_log = {i: n for i, n in enumerate(reads) if (first + i + 1) % 10 == 0}
-    between = [n for i, n in enumerate(reads) if i not in at_log]
-    assert between == [0] * len(between), reads
-    assert all(0 < n <= 3 for n in at_log.values()), reads
+    run_script("train.py", [*args, *count_reads_args(counts, first, steps)], cwd=tmp_path)
+    assert_reads_only_at_log_intervals(counts, first, steps, most=3)
+
+
+def test_under_ddp_a_steady_step_reads_nothing_back_and_a_stop_lands_on_a_step_the_ranks_decided_at(tmp_path):
+    """Two CPU ranks (DDP over gloo): the ranks decide together whether to stop (an all-reduce and a read of
+    its result) only at log intervals (`callbacks.stop_on_signal.every_n_steps`, by default
+    `trainer.log_every_n_steps`), not after every step as before. A SIGTERM to rank 0 in between stops both
+    ranks at the next such step, saved there."""
+    # steps 3 to 21 of the first epoch (22 steps a rank: its end reads the epoch's metrics), two log intervals
+    counts, first, steps = tmp_path / "reads.json", 3, 18
+    args = [*QUIET_TRAIN, "hardware=cpu", "trainer.devices=2", "trainer.limit_val_batches=0"]
+    args += ["trainer.max_epochs=3", "run_name=ddp_reads", *count_reads_args(counts, first, steps)]
+    proc = start_script("train.py", args, tmp_path)
+    folder = run_dir(tmp_path, "ddp_reads")
+    wait_for(counts.exists, proc)  # 21 steps done, the count written
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, expect=128 + signal.SIGTERM)
+    assert_reads_only_at_log_intervals(counts, first, steps, most=4)  # and the stop decision's read
+    stopped = read_json(folder / "results.json")
+    assert stopped["status"] == "interrupted", out[-3000:]
+    assert stopped["global_step"] % 10 == 0 and stopped["global_step"] >= first + steps, stopped
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == stopped["global_step"]

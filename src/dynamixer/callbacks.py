@@ -21,7 +21,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynamixer import signals
 from dynamixer.errors import CheckpointWriteError, ConfigError
-from dynamixer.lightning_internals import batches_done, save_unless_saved, saves_every_epoch, stop_after_this_step
+from dynamixer.lightning_internals import (
+    batches_done,
+    save_unless_saved,
+    saves_every_epoch,
+    skip_stop_flag_broadcast,
+    stop_after_this_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +39,26 @@ class StopOnSignal(Callback):
 
     SIGTERM and the requeue signals are noted by `dynamixer.signals` for the run's whole life (one that came
     during start-up stops training after its first step; Lightning's SIGTERM handler is replaced as training
-    starts); Ctrl-C is taken over while training runs. After
-    every training step and validation batch all ranks decide together (one all-reduce: a signal may reach
-    one rank only) and stop at the same step; a handler never acts by itself (Lightning's SIGTERM handler
-    broadcast from inside the handler, wherever the rank was, and DDP runs hung in our tests).
+    starts); Ctrl-C is taken over while training runs. The decision is taken after an optimizer step (never
+    inside gradient accumulation) or a validation batch. One process decides after each, at no cost. Several
+    ranks decide together (one all-reduce and a read of its result: a signal may reach one rank only), so
+    they stop at the same step, after every `every_n_steps`-th optimizer step or validation batch and after
+    the first step of each start (a signal during start-up); in between a step waits on nothing. A handler
+    never acts by itself (Lightning's SIGTERM handler broadcast from inside the handler, wherever the rank
+    was, and DDP runs hung in our tests).
 
     `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
     asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
     which then resumes the checkpoint.
     """
 
-    def __init__(self, requeue_on: Sequence[str] = ()) -> None:
+    def __init__(self, requeue_on: Sequence[str] = (), every_n_steps: int = 1) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ConfigError(
+                f"callbacks.stop_on_signal.every_n_steps={every_n_steps!r}: give a whole number of steps (how often "
+                "the ranks decide together whether to stop; 0 or 1: after every step)"
+            )
+        self.every_n_steps = every_n_steps or 1  # 0: what trainer.log_every_n_steps=0 (no logging) passes on
         names = [str(name) if str(name).startswith("SIG") else f"SIG{name}" for name in requeue_on]
         unknown = [name for name in names if name not in signal.Signals.__members__]
         if unknown:
@@ -59,10 +74,13 @@ class StopOnSignal(Callback):
             )
         self.requeue_requested = False
         self._interrupted = False
+        self._start_step = self._last_step = 0
         self._scope: contextlib.ExitStack | None = None
         self._previous_sigint: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = self._last_step = trainer.global_step
+        skip_stop_flag_broadcast(trainer)  # the ranks set the stop flag together, below
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self._scope = contextlib.ExitStack()  # a trainer used on its own: the signals are noted while it trains
@@ -76,10 +94,16 @@ class StopOnSignal(Callback):
         self._previous_sigint = signal.signal(signal.SIGINT, interrupt)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        self._stop_if_requested(trainer)
+        step, stepped = trainer.global_step, trainer.global_step != self._last_step
+        self._last_step = step
+        # the same steps on every rank (global_step is): a collective here meets the other ranks' one
+        if stepped and (trainer.world_size == 1 or step % self.every_n_steps == 0 or step == self._start_step + 1):
+            self._stop_if_requested(trainer)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        if trainer.state.fn == "fit":
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if trainer.state.fn == "fit" and (trainer.world_size == 1 or (batch_idx + 1) % self.every_n_steps == 0):
             self._stop_if_requested(trainer)
 
     def _stop_if_requested(self, trainer: L.Trainer) -> None:
@@ -247,7 +271,8 @@ class HostSyncCounter(Callback):
     """Counts, in the main process, per training step from step `first` on for `steps` steps (whole loop
     iterations, from one step's start to the next: data fetch, step, logging, callbacks), the host reads of
     tensors (`aten._local_scalar_dense`: `.item()`, `bool(t)`, ...) and, on CUDA, the synchronizing calls that
-    `torch.cuda.set_sync_debug_mode("warn")` reports; writes `{"host_reads": [...], "cuda_syncs": [...]}` to `out`.
+    `torch.cuda.set_sync_debug_mode("warn")` reports; rank 0 writes `{"host_reads": [...], "cuda_syncs": [...]}`
+    to `out`.
 
     Added to a train.py run as `+callbacks.host_syncs._target_=dynamixer.callbacks.HostSyncCounter
     +callbacks.host_syncs.first=10 +callbacks.host_syncs.steps=50 +callbacks.host_syncs.out=<file>`."""
@@ -266,6 +291,7 @@ class HostSyncCounter(Callback):
         self.first, self.steps, self.out = first, steps, Path(out)
         self.calls, self.reads, self.syncs = 0, [], []
         self._mode = self._warnings = self._caught = None
+        self._writes = True
 
     def _syncs_seen(self) -> int:
         return sum("synchroniz" in str(w.message) for w in self._caught) if self._caught is not None else 0
@@ -275,6 +301,7 @@ class HostSyncCounter(Callback):
             self.reads.append(self._mode.count - sum(self.reads))
             self.syncs.append(self._syncs_seen() - sum(self.syncs))
         if self.calls == self.first:
+            self._writes = trainer.is_global_zero  # each rank counts its own; rank 0's are written
             self._start(pl_module.device)
         elif self.calls == self.first + self.steps:
             self._stop()
@@ -301,4 +328,5 @@ class HostSyncCounter(Callback):
             torch.cuda.set_sync_debug_mode(0)
             self._warnings.__exit__(None, None, None)
         counted = {"host_reads": self.reads, "cuda_syncs": self.syncs if self._warnings is not None else None}
-        self.out.write_text(json.dumps(counted))
+        if self._writes:
+            self.out.write_text(json.dumps(counted))

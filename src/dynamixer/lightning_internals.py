@@ -5,6 +5,8 @@ fails naming the attribute if a release moves one. Why each is needed:
 - the data position (`batch_progress`, `epoch_progress`): exact resume from the middle of an epoch;
 - the stop flag (`_signal_connector.received_sigterm`): stop after this step on every rank at once, through
   Lightning's own SIGTERM exit (the checkpoint of that step, the loops' clean end);
+- the training loop's per-step broadcast of that flag under DDP (`_broadcast_sigterm_tensor`: a collective
+  and a host read every step), which our stop decision makes redundant;
 - `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
 - a WandbLogger's run only if one was started (reading `.experiment` would start one);
 - whether a module was compiled in place (`nn.Module.compile`);
@@ -51,6 +53,15 @@ def stop_after_this_step(trainer: L.Trainer) -> None:
     the checkpoint callbacks' `on_exception`, the loggers closed."""
     _private(trainer, "_signal_connector.received_sigterm")
     trainer._signal_connector.received_sigterm = True
+
+
+def skip_stop_flag_broadcast(trainer: L.Trainer) -> None:
+    """Drop the broadcast of the stop flag from rank 0 that Lightning's training loop runs before every step
+    under DDP (a collective and a read of its result: the step waits on the device). Only for a trainer whose
+    ranks set the flag together, at the same step (`dynamixer.callbacks.StopOnSignal`)."""
+    loop = _private(trainer, "fit_loop.epoch_loop")
+    _private(loop, "_broadcast_sigterm_tensor")
+    loop._broadcast_sigterm_tensor = lambda: None
 
 
 def saves_every_epoch(callback: ModelCheckpoint) -> bool:

@@ -161,26 +161,32 @@ class ClassificationDataModule(LightningDataModule, ABC):
         if self.train_set is None:
             self.train_set, self.val_set = self._build_datasets()
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+    def _loader_args(self) -> dict[str, Any]:
+        """The `DataLoader` arguments every loader of this module takes."""
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
             # each new iterator draws its workers' base seed from this generator: from the process's own it
             # would take a draw that a resumed run (iterator made after the restore) takes one step late, and
             # every drop-path and dropout mask after it would differ; the samples are seeded on their own
-            generator=torch.Generator().manual_seed(self.seed),
-            **kwargs,
-        )
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, **{**self._loader_args(), **kwargs})
+
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer this module serves; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches in an order, and with augmentations, that a resumed run repeats exactly
         (`dynamixer.data.sampling`); sharded over the ranks of a distributed run."""
         self.setup()
-        trainer = self.trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world_size, rank = self._ranks()
         if len(self.train_set) < self.batch_size * world_size:
             raise DataError(
                 f"the training split has {len(self.train_set)} images, fewer than batch_size="

@@ -59,19 +59,25 @@ def _wds_extension(path: str) -> str:
     return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
 
 
-def _write_parquet(out: Path, split: str, samples: list, shards: list[range], features, root: Path) -> list[str]:
+def as_dataset(rows: list, classes: list[str], root: Path):
+    """`(path, label)` rows of a folder data set as a `datasets.Dataset` (an `Image` and a `ClassLabel` of
+    `classes`): each image's bytes, with its path relative to `root`."""
     import datasets
 
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": Path(p).read_bytes(), "path": os.path.relpath(p, root)} for p, _ in rows],
+            "label": [label for _, label in rows],
+        },
+        features=features,
+    )
+
+
+def _write_parquet(out: Path, split: str, samples: list, shards: list[range], classes, root: Path) -> list[str]:
     names, progress = [], tqdm(total=len(samples), desc=f"{split} -> parquet", unit="image")
     for n, shard in enumerate(shards):
-        rows = [samples[i] for i in shard]
-        table = datasets.Dataset.from_dict(
-            {
-                "image": [{"bytes": Path(p).read_bytes(), "path": os.path.relpath(p, root)} for p, _ in rows],
-                "label": [label for _, label in rows],
-            },
-            features=features,
-        )
+        table = as_dataset([samples[i] for i in shard], classes, root)
         name = f"data/{PARQUET_SPLITS[split]}-{n:05d}-of-{len(shards):05d}.parquet"
         table.to_parquet(str(out / name))
         names.append(name)
@@ -118,14 +124,10 @@ def convert(source: Path, out: Path, to: str, shard_bytes: int, seed: int = 0, v
     samples["train"] = [samples["train"][i] for i in order]
     (out / "data" if to == "parquet" else out).mkdir(parents=True, exist_ok=True)
     written: dict = {"classes": classes, "splits": {}}
-    if to == "parquet":
-        import datasets
-
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     for split, rows in samples.items():
         shards = shard_plan([os.path.getsize(p) for p, _ in rows], shard_bytes)
         if to == "parquet":
-            names = _write_parquet(out, split, rows, shards, features, data.data_dir)
+            names = _write_parquet(out, split, rows, shards, classes, data.data_dir)
         else:
             names = _write_wds(out, split, rows, shards, data.data_dir)
         written["splits"][split] = {"shards": names, "counts": [len(s) for s in shards]}

@@ -382,10 +382,6 @@ class WebDataModule(ClassificationDataModule):
             self.num_classes,
         )
 
-    def _ranks(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def train_dataloader(self) -> DataLoader:
         world_size, rank = self._ranks()
         stream = self._stream(world_size, rank)
@@ -417,15 +413,7 @@ class WebDataModule(ClassificationDataModule):
 
     def _epoch_loader(self, stream: ShardStream, epoch: Callable[[], int]) -> EpochLoader:
         # new workers each epoch: they take their copy of the stream, with its epoch, when they start
-        return EpochLoader(
-            stream,
-            epoch,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return EpochLoader(stream, epoch, **{**self._loader_args(), "persistent_workers": False})
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
