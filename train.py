@@ -1,10 +1,16 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]`; `--help` lists the options."""
 
-import hydra
-from omegaconf import DictConfig
+import signal
 
-from dynamixer.run import train
-from dynamixer.run.cli import exit_on_user_error, run_main
+# before the seconds of imports: a stop or requeue signal then waits, pending, for dynamixer.signals' handler
+# (which unblocks them as the run starts) instead of ending the process unsaved
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from dynamixer.run import train  # noqa: E402
+from dynamixer.run.cli import exit_on_user_error, run_main  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

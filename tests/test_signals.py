@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -59,14 +60,23 @@ def test_a_signal_held_blocked_since_start_up_reaches_our_handler_when_noted_beg
 
 
 @pytest.mark.slow
-def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpoint(tmp_path: Path) -> None:
-    """A cluster's warning (SIGUSR2) that comes while the run is still starting (its folder claimed, the data
-    and model not yet built): the process is not killed by it; training stops after its first step, saved."""
+@pytest.mark.parametrize("moment", ["the imports", "the run's start"])
+def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpoint(
+    tmp_path: Path, moment: str
+) -> None:
+    """A cluster's warning (SIGUSR2) that comes while train.py is still starting: in its first second (the
+    imports: train.py blocks the signal until our handler is in place), or once the run has begun (its folder
+    claimed, the data and model not yet built). The process is not killed by it; training stops after its
+    first step, saved."""
     args = [*QUIET_TRAIN, "run_name=early", "trainer.max_epochs=3", "callbacks.stop_on_signal.requeue_on=[SIGUSR2]"]
     proc = start_script("train.py", args, tmp_path)
     folder = run_dir(tmp_path, "early")
-    wait_for(lambda: (folder / CLAIM).exists(), proc)
-    assert not (folder / "checkpoints").exists()  # still starting
+    if moment == "the imports":
+        time.sleep(0.5)
+        assert not folder.exists()  # Hydra has not even composed the config yet
+    else:
+        wait_for(lambda: (folder / CLAIM).exists(), proc)
+        assert not (folder / "checkpoints").exists()  # still starting
     proc.send_signal(signal.SIGUSR2)
     out = finish(proc, expect=128 + signal.SIGTERM)
     results = json.loads((folder / "results.json").read_text())
