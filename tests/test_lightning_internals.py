@@ -65,6 +65,25 @@ def test_the_stop_flag_broadcast_is_the_training_loop_s_and_can_be_skipped() -> 
     assert loop._broadcast_sigterm_tensor() is None
 
 
+def test_with_the_sigterm_notifier_quiet_fit_s_handler_calls_only_ours() -> None:
+    import signal
+    import threading
+
+    from dynamixer import signals
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    internals.quiet_sigterm_notifier(trainer)
+    with signals.noted():
+        trainer._signal_connector.register_signal_handlers()  # what fit does as it starts
+        try:
+            assert signal.getsignal(signal.SIGTERM) is not signals._note  # Lightning's composed handler
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            assert signals.received() == [signal.SIGTERM] and not trainer.received_sigterm
+        finally:
+            trainer._signal_connector.teardown()
+            signals.acted_on()
+
+
 def test_compiled_in_place_and_the_csv_writer_hooks_are_where_they_were() -> None:
     module = nn.Linear(2, 2)
     assert not internals.is_compiled(module)

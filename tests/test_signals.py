@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import lightning as L
@@ -42,6 +41,24 @@ def test_after_training_sigterm_is_still_ours_and_ends_the_process(tmp_path: Pat
     assert signal.getsignal(signal.SIGTERM) is before and signals.received() == []
 
 
+def test_a_signal_inside_gradient_accumulation_stops_after_the_optimizer_step(tmp_path: Path) -> None:
+    """A SIGTERM after the first of two accumulated batches: training stops after the second, which steps the
+    optimizer, not between them (a checkpoint there would lose the accumulated gradient)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class Signal(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=4)
+    trainer = cpu_trainer(tmp_path, [Signal(), StopOnSignal()], enable_checkpointing=False, accumulate_grad_batches=2)
+    with pytest.raises(SIGTERMException), signals.noted():
+        trainer.fit(tiny_module(), data)
+    assert (trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.processed) == (1, 2)
+    assert signals._depth == 0  # the callback's own block ended with the stop
+
+
 def test_a_signal_held_blocked_since_start_up_reaches_our_handler_when_noted_begins() -> None:
     """A SLURM job's Python starts with the stop signals blocked (hardware=slurm's setup): one sent before any
     handler exists waits pending, and `noted` delivers it to ours (tests/test_slurm.py: the real job)."""
@@ -59,6 +76,13 @@ def test_a_signal_held_blocked_since_start_up_reaches_our_handler_when_noted_beg
         signal.signal(signal.SIGUSR2, before)
 
 
+def blocks(pid: int, signum: signal.Signals) -> bool:
+    """Whether process `pid`'s main thread has `signum` blocked (its /proc status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["the imports", "the run's start"])
 def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpoint(
@@ -72,7 +96,7 @@ def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpo
     proc = start_script("train.py", args, tmp_path)
     folder = run_dir(tmp_path, "early")
     if moment == "the imports":
-        time.sleep(0.5)
+        wait_for(lambda: blocks(proc.pid, signal.SIGUSR2), proc, timeout=60)  # train.py's first line ran
         assert not folder.exists()  # Hydra has not even composed the config yet
     else:
         wait_for(lambda: (folder / CLAIM).exists(), proc)

@@ -23,6 +23,7 @@ from dynamixer import signals
 from dynamixer.errors import CheckpointWriteError, ConfigError
 from dynamixer.lightning_internals import (
     batches_done,
+    quiet_sigterm_notifier,
     save_unless_saved,
     saves_every_epoch,
     skip_stop_flag_broadcast,
@@ -39,13 +40,14 @@ class StopOnSignal(Callback):
 
     SIGTERM and the requeue signals are noted by `dynamixer.signals` for the run's whole life (one that came
     during start-up stops training after its first step; Lightning's SIGTERM handler is replaced as training
-    starts); Ctrl-C is taken over while training runs. The decision is taken after an optimizer step (never
-    inside gradient accumulation) or a validation batch. One process decides after each, at no cost. Several
-    ranks decide together (one all-reduce and a read of its result: a signal may reach one rank only), so
-    they stop at the same step, after every `every_n_steps`-th optimizer step or validation batch and after
-    the first step of each start (a signal during start-up); in between a step waits on nothing. A handler
-    never acts by itself (Lightning's SIGTERM handler broadcast from inside the handler, wherever the rank
-    was, and DDP runs hung in our tests).
+    starts, and its notifier is made inert before that); Ctrl-C is taken over while training runs. The
+    decision is taken after an optimizer step or a validation batch, never inside gradient accumulation.
+    One process decides after each, at no cost. Several ranks decide together (one all-reduce and a read of
+    its result: a signal may reach one rank only), so they stop at the same step, after every
+    `every_n_steps`-th optimizer step or validation batch, after the first step of each start (a signal
+    during start-up) and after each epoch's last step and max_steps; the steps in between read nothing
+    back. A handler never acts by itself (Lightning's SIGTERM handler broadcast from inside the handler,
+    wherever the rank was, and DDP runs hung in our tests).
 
     `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
     asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
@@ -53,12 +55,12 @@ class StopOnSignal(Callback):
     """
 
     def __init__(self, requeue_on: Sequence[str] = (), every_n_steps: int = 1) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ConfigError(
-                f"callbacks.stop_on_signal.every_n_steps={every_n_steps!r}: give a whole number of steps (how often "
-                "the ranks decide together whether to stop; 0 or 1: after every step)"
+                f"callbacks.stop_on_signal.every_n_steps={every_n_steps!r}: give a whole number of steps, 1 or more "
+                "(how often the ranks of a DDP run decide together whether to stop)"
             )
-        self.every_n_steps = every_n_steps or 1  # 0: what trainer.log_every_n_steps=0 (no logging) passes on
+        self.every_n_steps = every_n_steps
         names = [str(name) if str(name).startswith("SIG") else f"SIG{name}" for name in requeue_on]
         unknown = [name for name in names if name not in signal.Signals.__members__]
         if unknown:
@@ -78,6 +80,9 @@ class StopOnSignal(Callback):
         self._scope: contextlib.ExitStack | None = None
         self._previous_sigint: Any = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        quiet_sigterm_notifier(trainer)  # from fit's start on, a SIGTERM reaches our handler only
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = self._last_step = trainer.global_step
         skip_stop_flag_broadcast(trainer)  # the ranks set the stop flag together, below
@@ -96,14 +101,22 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         step, stepped = trainer.global_step, trainer.global_step != self._last_step
         self._last_step = step
-        # the same steps on every rank (global_step is): a collective here meets the other ranks' one
-        if stepped and (trainer.world_size == 1 or step % self.every_n_steps == 0 or step == self._start_step + 1):
+        # the same steps on every rank (global_step and the epoch's batches are): a collective here meets the
+        # other ranks' one; the epoch's last step and max_steps too, so that no signal waits past the end
+        last = batches_done(trainer) >= trainer.num_training_batches or step == trainer.max_steps
+        if stepped and (
+            trainer.world_size == 1 or step % self.every_n_steps == 0 or step == self._start_step + 1 or last
+        ):
             self._stop_if_requested(trainer)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
     ) -> None:
-        if trainer.state.fn == "fit" and (trainer.world_size == 1 or (batch_idx + 1) % self.every_n_steps == 0):
+        done = batches_done(trainer)
+        accumulating = done % trainer.accumulate_grad_batches and done < trainer.num_training_batches
+        if trainer.state.fn != "fit" or accumulating:
+            return  # a validation inside gradient accumulation: the stop waits for the optimizer step
+        if trainer.world_size == 1 or (batch_idx + 1) % self.every_n_steps == 0:
             self._stop_if_requested(trainer)
 
     def _stop_if_requested(self, trainer: L.Trainer) -> None:
@@ -116,6 +129,9 @@ class StopOnSignal(Callback):
             signals.acted_on()
             # Lightning's loops raise SIGTERMException after this step (or validation batch), on every rank
             stop_after_this_step(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning's exit on a stop calls no callback's teardown
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:

@@ -6,7 +6,9 @@ fails naming the attribute if a release moves one. Why each is needed:
 - the stop flag (`_signal_connector.received_sigterm`): stop after this step on every rank at once, through
   Lightning's own SIGTERM exit (the checkpoint of that step, the loops' clean end);
 - the training loop's per-step broadcast of that flag under DDP (`_broadcast_sigterm_tensor`: a collective
-  and a host read every step), which our stop decision makes redundant;
+  and a host read every step), which our stop decision makes redundant, and Lightning's SIGTERM notifier
+  (`_sigterm_notifier_fn`: it sets the flag on one rank, broadcasts from inside the handler and signals the
+  ranks it launched), which would act from `fit`'s start until our handler is back;
 - `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
 - a WandbLogger's run only if one was started (reading `.experiment` would start one);
 - whether a module was compiled in place (`nn.Module.compile`);
@@ -62,6 +64,14 @@ def skip_stop_flag_broadcast(trainer: L.Trainer) -> None:
     loop = _private(trainer, "fit_loop.epoch_loop")
     _private(loop, "_broadcast_sigterm_tensor")
     loop._broadcast_sigterm_tensor = lambda: None
+
+
+def quiet_sigterm_notifier(trainer: L.Trainer) -> None:
+    """Make the SIGTERM handler Lightning installs as `fit` starts call only the handler it found (ours,
+    `dynamixer.signals`), not its notifier. Before `fit` registers its handlers (a callback's `setup`)."""
+    connector = _private(trainer, "_signal_connector")
+    _private(connector, "_sigterm_notifier_fn")
+    connector._sigterm_notifier_fn = lambda signum, frame: None
 
 
 def saves_every_epoch(callback: ModelCheckpoint) -> bool:

@@ -54,8 +54,8 @@ def noted() -> Iterator[None]:
         yield  # handlers can only be set from the main thread
         return
     previous = {s: signal.signal(s, _note) for s in NOTED} if _depth == 0 else {}
-    if _depth == 0:  # a signal held pending since the process started is delivered to _note here
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, NOTED)
+    # a signal held pending since the process started is delivered to _note here
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, NOTED) if _depth == 0 else None
     _depth += 1
     try:
         yield
@@ -63,6 +63,8 @@ def noted() -> Iterator[None]:
         _depth -= 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pending = received() if _depth == 0 else []
         if _depth == 0:
             acted_on()

@@ -53,9 +53,11 @@ def _exit_with_message(err: BaseException, traces: bool | None = None) -> None:
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Inside a Hydra job: a `UserError` (or a missing mandatory value) prints its message alone and exits
-    with status 2; anything else is a bug and keeps its traceback."""
+    with status 2; anything else is a bug and keeps its traceback. The stop signals are ours meanwhile (in a
+    SLURM job, whose Python started with them blocked, this is where they are first handled)."""
     try:
-        yield
+        with signals.noted():
+            yield
     except USER_ERRORS as err:
         _exit_with_message(err)
 
