@@ -82,10 +82,10 @@ class StopOnSignal(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         quiet_sigterm_notifier(trainer)  # from fit's start on, a SIGTERM reaches our handler only
+        skip_stop_flag_broadcast(trainer)  # the ranks set the stop flag together, below
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = self._last_step = trainer.global_step
-        skip_stop_flag_broadcast(trainer)  # the ranks set the stop flag together, below
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self._scope = contextlib.ExitStack()  # a trainer used on its own: the signals are noted while it trains
