@@ -19,11 +19,15 @@ that would overrun `--budget-s` is recorded as skipped, with the reason):
   (the softmax over dim -2 is what PyTorch's attention-pattern rewrite has mis-compiled before);
 - `throughput_compiled`: the rows of `throughput_eager` under `torch.compile`, models in `--compile-models`
   order, each started only while `--compile-reserve-s` of the budget is left;
+- `fused_mix`: the Triton kernel of the DynaMixer op (`model.fused_mix`) against the PyTorch op, on the op of
+  dynamixer_s's first stage (32 tokens, 192 channels, 8 segments): fp32 output and gradients (bound 1e-4
+  relative), bf16 forward and training (forward and backward) time and peak memory of the op, and dynamixer_s's
+  bf16 training img/s with and without it (on the CPU only with `TRITON_INTERPRET=1`: Triton's interpreter);
 - `goals`: dynamixer_s training img/s x GMACs against sequencer2d_s's (goal: at least 1x), compiled against eager
-  (goal: at least 1.3x).
+  (goal: at least 1.3x), the fused op's training step against the PyTorch op's (goal: at least 2x).
 
     python benchmarks/gpu_proof.py --out benchmarks/results/gpu_proof          # a CUDA device, at most 8 minutes
-    python benchmarks/gpu_proof.py --device cpu --tiny --out gpu_proof_cpu         # every section, tiny sizes, CPU
+    TRITON_INTERPRET=1 python benchmarks/gpu_proof.py --device cpu --tiny --out gpu_proof_cpu   # every section, CPU
 
 `--tiny` shrinks everything (28/32 px images, batch 2; the training runs: 30 steps of the experiment with
 `model=dynamixer_tiny`; the compiled rows and parity: `dynamixer_tiny` only, compiled with `aot_eager`, as a CPU
@@ -82,6 +86,9 @@ GMACS_224 = {
 }
 CPU_PARITY_BOUND = 1e-4  # relative (Frobenius) error of the device's fp32 logits against the CPU's
 COMPILE_PARITY_BOUND = 1e-3  # compiled vs eager, logits and each gradient, fp32: a mis-compile is of order 1
+FUSED_PARITY_BOUND = 1e-4  # the fused op vs the PyTorch op, fp32 (TF32 off), output and each gradient
+# the op of the first stage (tokens per line, channels, segments, reduced dim) of dynamixer_s, and of --tiny's model
+FUSED_OP = {"dynamixer_s": (32, 192, 8, 2), "dynamixer_tiny": (8, 64, 4, 2)}
 EXPERIMENT = ["experiment=dynamixer_s_imagenet", "trainer.devices=1"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 CUDA_ONLY_FP16 = "CUDA only: fp16 autocast with the grad scaler is the CUDA mixed precision (16-mixed)"
@@ -375,6 +382,102 @@ def throughput(
     }
 
 
+# ------------------------------------------------------------------------------------- fused op
+def fused_mix_skip(device: torch.device) -> str | None:
+    """Why the fused kernel cannot run on `device`, or None."""
+    try:
+        from dynamixer.models import fused_mix
+    except ImportError as err:
+        return f"Triton is not importable: {err}"
+    if not fused_mix.runs_on(torch.empty(0, device=device)):
+        return "the Triton kernels run on CUDA, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def time_calls(call: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Seconds per call after `warmup` calls, and the peak memory (MB, CUDA) of one call above what was allocated."""
+    for _ in range(warmup):
+        call()
+    sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    began = time.perf_counter()
+    for _ in range(iters):
+        call()
+    sync(device)
+    seconds = (time.perf_counter() - began) / iters
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    return seconds, peak
+
+
+def op_call(op: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, fused: bool, precision: str | None, train: bool):
+    """One call of the DynaMixer op `op`, fused or not, under `precision`'s autocast (None: exact fp32): forward
+    and backward of `dy` (`train`), or forward under `no_grad`. Returns the output and the gradients."""
+    op.fused = fused
+    op.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.set_grad_enabled(train), autocast(device=x.device, precision=precision) if precision else exact_fp32():
+        y = op(x)
+    if not train:
+        return [y]
+    y.float().backward(dy)
+    return [y.detach(), x.grad, *(p.grad for p in op.parameters())]
+
+
+def fused_op(args: argparse.Namespace, device: torch.device) -> dict:
+    """The fused DynaMixer op against the PyTorch op (same weights, both token axes), then dynamixer_s with it."""
+    from dynamixer.models import DynaMixerOp
+
+    name = "dynamixer_tiny" if args.tiny else "dynamixer_s"
+    n, c, segments, d = FUSED_OP[name]
+    batch = 2 if args.tiny else 64
+    rows = []
+    for token_dim in (1, 2):
+        torch.manual_seed(0)
+        op = perturbed(DynaMixerOp(c, n, segments, d, token_dim=token_dim)).to(device)
+        x = torch.randn(batch, n, n, c, device=device, requires_grad=True)
+        dy = torch.randn(batch, n, n, c, device=device)
+        row = {"token_dim": token_dim}
+        for precision in ("fp32", "bf16"):
+            exact = precision == "fp32"
+            fused, ours = (op_call(op, x, dy, f, None if exact else "bf16", True) for f in (True, False))
+            row[f"{precision}_rel_err_max"] = max(rel_err(a, b) for a, b in zip(fused, ours))
+        row["passed"] = row["fp32_rel_err_max"] < FUSED_PARITY_BOUND
+        for fused in (False, True):
+            label = "fused" if fused else "pytorch"
+            for train in (False, True):
+                seconds, peak = time_calls(
+                    lambda fused=fused, train=train: op_call(op, x, dy, fused, "bf16", train),  # noqa: B023
+                    device,
+                    args.warmup,
+                    args.iters,
+                )
+                row[f"{label}_{'train' if train else 'forward'}_ms"] = 1e3 * seconds
+                if train:
+                    row[f"{label}_train_peak_mb"] = peak
+        row["forward_speedup"] = row["pytorch_forward_ms"] / row["fused_forward_ms"]
+        row["train_speedup"] = row["pytorch_train_ms"] / row["fused_train_ms"]
+        rows.append(row)
+    model_rows = []
+    img = MODELS[name][1] if name in MODELS else TINY_COMPILED[name]
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, img_size=img, fused_mix=fused).to(device)
+        r = measure(model, model, "train", "bf16", args.batch, img, device, args.warmup, args.iters)
+        model_rows.append({"model": name, "fused_mix": fused, **r})
+        del model
+        free_memory()
+    return {
+        "op": {"model": name, "tokens": n, "channels": c, "segments": segments, "reduced_dim": d, "batch": batch},
+        "bound": FUSED_PARITY_BOUND,
+        "rows": rows,
+        "model_rows": model_rows,
+        "model_train_speedup": model_rows[1]["images_per_s"] / model_rows[0]["images_per_s"],
+        "passed": all(r["passed"] for r in rows),
+    }
+
+
 # -------------------------------------------------------------------------------- training run
 def write_sample_tree(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int) -> Path:
     """An ImageNet-layout tree `root/{train,val}/<wnid>/*.JPEG` of `size` x `size` JPEG crops of scikit-learn's two
@@ -568,6 +671,9 @@ def goals(sections: dict, tiny: bool, compiled_model: str) -> dict:
         out["compiled" if compiled else "eager"] = {"s_vs_sequencer_gmacs_img_s": r, "met": met}
     r = ratio((compiled_model, "train", "bf16", True), (compiled_model, "train", "bf16", False))
     out["compiled_vs_eager_train"] = {"model": compiled_model, "ratio": r, "met": None if r is None else r >= 1.3}
+    fused = sections.get("fused_mix", {})
+    r = min(row["train_speedup"] for row in fused["rows"]) if fused.get("status") == "ok" else None
+    out["fused_vs_pytorch_op_train"] = {"ratio": r, "met": None if r is None or tiny else r >= 2}
     return out
 
 
@@ -616,6 +722,25 @@ def markdown(report: dict) -> str:
             f"compiled vs eager ({c['model']}, {c['backend']}, fp32): logits {c['logits_rel_err']:.2e}, worst gradient "
             f"{c['grads_rel_err_max']:.2e} ({c['grads_rel_err_worst_param']}), bound {c['bound']:.0e}",
         ]
+    f = s.get("fused_mix", {})
+    if f.get("status") == "ok":
+        lines += [
+            "",
+            f"fused op against the PyTorch op ({json.dumps(f['op'])}), times in bf16:",
+            "",
+            "| token axis | fp32 rel. err | forward ms PyTorch / fused | train ms PyTorch / fused | "
+            "train peak MB PyTorch / fused | train speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in f["rows"]:
+            lines.append(
+                f"| {'H' if r['token_dim'] == 1 else 'W'} | {r['fp32_rel_err_max']:.2e} | "
+                f"{r['pytorch_forward_ms']:.2f} / {r['fused_forward_ms']:.2f} | "
+                f"{r['pytorch_train_ms']:.2f} / {r['fused_train_ms']:.2f} | "
+                f"{fmt(r['pytorch_train_peak_mb'], '.0f')} / {fmt(r['fused_train_peak_mb'], '.0f')} | "
+                f"{r['train_speedup']:.2f} |"
+            )
+        lines.append(f"{f['op']['model']} bf16 training with fused_mix: {f['model_train_speedup']:.2f}x the img/s")
     t = s.get("training_run", {})
     if t.get("status") == "ok":
         h = t["host_syncs"]
@@ -720,6 +845,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, fn, need_s in sections:
         run_section(report, name, fn, budget, need_s=0.0 if args.tiny else need_s)
         write(report, args.out)
+    # last: a kernel that fails to compile on a new GPU costs none of the figures above
+    fused_need_s, skip = 0.0 if args.tiny else 30.0, fused_mix_skip(device)
+    run_section(report, "fused_mix", lambda: fused_op(args, device), budget, need_s=fused_need_s, skip=skip)
     report["goals"] = goals(report["sections"], args.tiny, parity_model)
     checks = [e.get("passed") for e in report["sections"].values() if "passed" in e]
     report["passed"] = bool(checks) and all(checks)

@@ -9,10 +9,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import pytest
-from slurm_cluster import SlurmCluster, install_packages, why_unavailable
+# Triton kernels (dynamixer.models.fused_mix) run on CPU tensors in Triton's interpreter, which has to be chosen
+# before Triton is first imported (torch imports it): the tests run on the CPU, on any machine
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import entry_point, write_image_tree, write_shard_sets
+import pytest  # noqa: E402
+from slurm_cluster import SlurmCluster, install_packages, why_unavailable  # noqa: E402
+
+from helpers import entry_point, write_image_tree, write_shard_sets  # noqa: E402
 
 
 @pytest.fixture

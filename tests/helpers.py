@@ -322,3 +322,19 @@ def cpu_trainer(root: str | os.PathLike, callbacks: Sequence[Any] = (), **kwargs
 
     kwargs = {"max_epochs": 1, "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
     return L.Trainer(accelerator="cpu", devices=1, default_root_dir=root, callbacks=list(callbacks), **kwargs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`|a - b| / |b|` in Frobenius norms."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Non-trivial weights (the default init gives near-uniform mixing matrices and zero biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            is_norm_weight = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + noise if is_norm_weight else noise)
+    return model

@@ -13,7 +13,7 @@ from helpers import run_script
 
 pytestmark = pytest.mark.slow  # about 2 minutes on a 2-core CPU: six models, three training runs, two compiles
 
-SECTIONS = ("parity_cpu", "throughput_eager", "training_run", "parity_compile", "throughput_compiled")
+SECTIONS = ("parity_cpu", "throughput_eager", "training_run", "parity_compile", "throughput_compiled", "fused_mix")
 MODELS = {"dynamixer_s", "dynamixer_m", "dynamixer_l", "sequencer2d_s", "resmlp_36_224", "mixer_b16_224"}
 
 
@@ -80,11 +80,22 @@ def test_gpu_proof_runs_end_to_end_on_the_cpu_at_tiny_sizes(tmp_path):
     assert all(isinstance(n, int) and n >= 0 for n in h["host_reads_per_step"])
     assert h["cuda_syncs_per_step"] is None and h["cuda_syncs_skipped"].startswith("CUDA only")
 
+    # the fused op (in Triton's interpreter here: conftest.py sets TRITON_INTERPRET=1, which the script inherits)
+    f = sections["fused_mix"]
+    assert f["status"] == "ok" and f["passed"] and f["op"]["model"] == "dynamixer_tiny", f.get("error")
+    assert [r["token_dim"] for r in f["rows"]] == [1, 2]
+    for r in f["rows"]:
+        assert r["fp32_rel_err_max"] < f["bound"] == 1e-4 and r["bf16_rel_err_max"] < 5e-2, r
+        assert r["pytorch_train_ms"] > 0 and r["fused_train_ms"] > 0 and r["train_speedup"] > 0, r
+    assert [r["fused_mix"] for r in f["model_rows"]] == [False, True]
+    assert all(r["images_per_s"] > 0 for r in f["model_rows"])
+
     # the goals need the 224 figures of a GPU; the compiled/eager ratio is computed at any size
     goals = report["goals"]
     assert goals["at_224"] is False and goals["eager"]["s_vs_sequencer_gmacs_img_s"] is None
     assert goals["compiled_vs_eager_train"]["model"] == "dynamixer_tiny"
     assert goals["compiled_vs_eager_train"]["ratio"] > 0
+    assert goals["fused_vs_pytorch_op_train"]["ratio"] > 0 and goals["fused_vs_pytorch_op_train"]["met"] is None
 
     table = (out / "gpu_proof.md").read_text()
     assert all(name in table for name in (*SECTIONS, *MODELS))

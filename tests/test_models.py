@@ -17,7 +17,7 @@ import dynamixer  # noqa: F401  (registers the timm models)
 from dynamixer import load_release_checkpoint
 from dynamixer.models import DynaMixer, DynaMixerOp, DynaMixerTokenMixer, model_kwargs_from_release
 from helpers import REFERENCE_DIR as REFERENCE
-from helpers import fetch_timm_model_tests
+from helpers import fetch_timm_model_tests, randomize_, rel_err
 from reference_model import ReferenceDynaMixer, reference_from, reference_key_map
 
 EXPECTED_PARAMS = {"dynamixer_s": 26_265_960, "dynamixer_m": 57_128_264, "dynamixer_l": 97_818_088}
@@ -42,21 +42,6 @@ def random_release_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tenso
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Non-trivial weights (the default init gives near-uniform mixing matrices and zero biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            is_norm_weight = p.ndim == 1 and name.endswith("weight")
-            p.copy_(1 + noise if is_norm_weight else noise)
-    return model
 
 
 def tiny(**kwargs) -> DynaMixer:

@@ -51,6 +51,16 @@ def _check_input(x: torch.Tensor, img_size: tuple[int, int]) -> None:
             )
 
 
+def _fused_runs_on(x: torch.Tensor) -> bool:
+    """Whether the fused kernel runs on `x`: its device, in eager mode (traced and compiled graphs keep the
+    PyTorch ops, which Inductor fuses itself)."""
+    if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():
+        return False
+    from dynamixer.models import fused_mix
+
+    return fused_mix.runs_on(x)
+
+
 torch.fx.wrap("_in_autocast_dtype")
 torch.fx.wrap("_check_input")
 
@@ -66,9 +76,13 @@ class DynaMixerOp(nn.Module):
     `mixing="static"` is the control of the paper's claim: everything stays (segments, softmax over the
     source tokens, the output projection) but each segment's `N x N` logits are learned parameters
     (`static_logits`, `(S, N, N)`) instead of being generated from the tokens.
+
+    `fused=True` runs generate -> softmax -> mix as one Triton kernel (`fused_mix`) where it can run (CUDA
+    tensors, eager mode), without the `N x N` matrices in memory; elsewhere, and for static mixing, the
+    PyTorch ops below. Same weights, same function.
     """
 
-    __constants__ = ["static", "token_dim"]  # constants for TorchScript: only one kind of matrices is compiled
+    __constants__ = ["static", "token_dim", "fused"]  # constants for TorchScript: only one kind of matrices is compiled
 
     def __init__(
         self,
@@ -78,11 +92,14 @@ class DynaMixerOp(nn.Module):
         reduced_dim: int,
         mixing: Literal["dynamic", "static"] = "dynamic",
         token_dim: int = 2,
+        fused: bool = False,
         device=None,
         dtype=None,
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if fused:
+            _require_triton()
         if token_dim not in (1, 2):
             raise ConfigError(f"token_dim={token_dim}: the tokens are along dim 2 (B, L, N, C) or 1 (B, N, L, C)")
         if dim % segments:
@@ -93,7 +110,7 @@ class DynaMixerOp(nn.Module):
         if mixing not in ("dynamic", "static"):
             raise ConfigError(f"mixing={mixing!r} is not known: use 'dynamic' (the paper) or 'static' (the control)")
         self.seq_len, self.segments, self.reduced_dim = seq_len, segments, reduced_dim
-        self.static, self.token_dim = mixing == "static", token_dim
+        self.static, self.token_dim, self.fused = mixing == "static", token_dim, bool(fused)
         if self.static:
             self.static_logits = nn.Parameter(torch.zeros(segments, seq_len, seq_len, **dd))
         else:
@@ -136,7 +153,23 @@ class DynaMixerOp(nn.Module):
         xs = x.unflatten(-1, (self.segments, -1)).transpose(2, 3)  # (B, L, S, N, C/S)
         return (p.mT @ xs).transpose(2, 3)
 
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dynamixer.models import fused_mix
+
+        z = self.compress(x)
+        x = x.to(z.dtype)  # what autocast gives the mix's matmul in the unfused path
+        if self.token_dim == 1:
+            z, x = z.transpose(1, 2), x.transpose(1, 2)
+        z = z.unflatten(-1, (self.segments, self.reduced_dim))
+        weight, bias = self.generate.weight.to(z.dtype), self.generate.bias.to(z.dtype)
+        y = fused_mix.dynamic_mix(z, x, weight, bias)
+        return self.out(y.transpose(1, 2) if self.token_dim == 1 else y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.fused and not self.static and _fused_runs_on(x):
+                return self._fused_forward(x)
         if self.token_dim == 1:  # (B, N, L, C) read as (B, L, N, C) views: no copy of x
             y = self.mix(self._matrices(x), x.transpose(1, 2)).transpose(1, 2)
         else:
@@ -147,7 +180,7 @@ class DynaMixerOp(nn.Module):
         mixing = "static" if self.static else "dynamic"
         return (
             f"seq_len={self.seq_len}, segments={self.segments}, reduced_dim={self.reduced_dim}, mixing={mixing}, "
-            f"token_dim={self.token_dim}"
+            f"token_dim={self.token_dim}" + (", fused=True" if self.fused else "")
         )
 
 
@@ -169,6 +202,7 @@ class DynaMixerTokenMixer(nn.Module):
         channel_bias: bool = False,
         proj_drop: float = 0.0,
         mixing: Literal["dynamic", "static"] = "dynamic",
+        fused_mix: bool = False,
         device=None,
         dtype=None,
     ):
@@ -177,8 +211,8 @@ class DynaMixerTokenMixer(nn.Module):
         if fusion not in ("reweight", "sum"):
             raise ConfigError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
-        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, **dd)
-        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, **dd)
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, fused=fused_mix, **dd)
+        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, fused=fused_mix, **dd)
         self.mlp_c = nn.Linear(dim, dim, bias=channel_bias, **dd)
         self.reweight = Mlp(dim, dim // 4, dim * 3, **dd) if fusion == "reweight" else None
         self.proj = nn.Linear(dim, dim, **dd)
@@ -234,6 +268,7 @@ class DynaMixerBlock(nn.Module):
         fusion: Literal["reweight", "sum"] = "reweight",
         mixing: Literal["dynamic", "static"] = "dynamic",
         channel_bias: bool = False,
+        fused_mix: bool = False,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
@@ -253,6 +288,7 @@ class DynaMixerBlock(nn.Module):
             channel_bias=channel_bias,
             proj_drop=proj_drop,
             mixing=mixing,
+            fused_mix=fused_mix,
             **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -307,6 +343,16 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
     return value
 
 
+def _require_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "fused_mix=true needs Triton, which is not installed: install PyTorch's CUDA build (it brings Triton), "
+            "or set model.fused_mix=false"
+        ) from None
+
+
 def _check_pool(global_pool: str) -> str:
     if global_pool not in ("avg", ""):
         raise ConfigError(f"global_pool={global_pool!r} is not supported: use 'avg' or ''")
@@ -351,6 +397,7 @@ class DynaMixer(nn.Module):
     the tokens (the control of the paper's claim); `fusion="sum"` sums the branches instead of re-weighting.
     `grad_checkpointing` recomputes each stage's activations in the backward pass instead of keeping
     them (less training memory for about one more forward pass of time; `set_grad_checkpointing`).
+    `fused_mix` runs each dynamic op's generate -> softmax -> mix as one Triton kernel on CUDA (`DynaMixerOp`).
     `device` and `dtype` are where and in which dtype the parameters are created (timm's factory arguments).
     """
 
@@ -375,6 +422,7 @@ class DynaMixer(nn.Module):
         global_pool: str = "avg",
         norm_layer: type[nn.Module] = nn.LayerNorm,
         grad_checkpointing: bool = False,
+        fused_mix: bool = False,
         device=None,
         dtype=None,
     ):
@@ -428,6 +476,7 @@ class DynaMixer(nn.Module):
                     fusion=fusion,
                     mixing=mixing,
                     channel_bias=channel_bias,
+                    fused_mix=fused_mix,
                     proj_drop=proj_drop_rate,
                     norm_layer=norm_layer,
                     **dd,

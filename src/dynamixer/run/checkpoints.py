@@ -92,6 +92,7 @@ NOT_TRAINED = (
     "model.pretrained_file",
     "model.pretrained_weights",
     "model.grad_checkpointing",
+    "model.fused_mix",
     "module.compile",
 )
 EXTENDABLE = ("trainer.max_epochs", "trainer.max_steps")

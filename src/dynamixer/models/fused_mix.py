@@ -1,0 +1,198 @@
+"""The DynaMixer op's generate -> softmax -> mix as Triton kernels: the `N x N` matrices stay on chip.
+
+For each sequence (a row or column of the grid) and segment, the forward kernel computes the logits
+`z @ W^T + b` from the compressed tokens `z` `(N*d,)`, their softmax over the source tokens and the mix
+`Y[j] = sum_i P[i, j] X[i]`, a block of output tokens at a time, and writes only `Y`. The backward kernel
+recomputes `P` (as flash attention does) and writes `dX` and the logits' gradient, from which two GEMMs
+give the gradients of `z` and of the generate layer. Nothing `N x N` is kept between forward and backward.
+
+Kernels run on CUDA tensors; with `TRITON_INTERPRET=1` set before this module is imported, on CPU tensors in
+Triton's interpreter (how the tests check them on a machine without a GPU). Relies on Triton >= 3.0 for
+3-d `tl.dot` (pinned through torch in requirements.lock).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+__all__ = ["INTERPRETED", "dynamic_mix", "runs_on"]
+
+# the kernels were defined for Triton's interpreter: they run on CPU tensors (slowly), not on CUDA ones
+INTERPRETED = bool(knobs.runtime.interpret)
+BLOCK_ROWS = 16  # sequences per program: the M of the logits GEMM (tl.dot needs >= 16)
+BLOCK_OUT = 16  # output tokens per inner step: a (rows, N, BLOCK_OUT) logits tile at a time
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on `x`'s device."""
+    return x.device.type == ("cpu" if INTERPRETED else "cuda")
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """`a @ b` (2-d or batched 3-d), accumulated in fp32."""
+    if WIDEN:  # the interpreter's bf16 tl.dot is wrong (Triton 3.8): the same values, widened to fp32
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, kmask, N: tl.constexpr, BM: tl.constexpr,
+                   BJ: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    """`P[:, :, j0:j0+BJ]`, the softmax over the source tokens `i` of the logits: `(BM, NP, BJ)` fp32."""
+    q = tl.arange(0, NP * BJ)
+    qi = q // BJ
+    qj = j0 + q % BJ
+    row = qi * N + qj  # the generate layer's output feature of entry (i, j)
+    qmask = (qi < N) & (qj < N)
+    w = tl.load(w_ptr + row[None, :] * w_row_stride + k[:, None], mask=kmask[:, None] & qmask[None, :], other=0.0)
+    bias = tl.load(b_ptr + row, mask=qmask, other=0.0).to(tl.float32)
+    logits = _dot(z, w, PRECISION, WIDEN) + bias[None, :]
+    logits = tl.reshape(logits, (BM, NP, BJ))
+    i = tl.arange(0, NP)
+    logits = tl.where((i < N)[None, :, None], logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None, :])
+    return e / tl.sum(e, axis=1)[:, None, :]
+
+
+@triton.jit
+def _tokens(r, L, s, t, c, sb, sl, sn, sc, CS: tl.constexpr):
+    """Offsets `(rows, tokens, channels)` of tokens `t` and channels `c` of segment `s` of sequences `r` of a
+    `(B, L, N, C)` tensor with strides `sb, sl, sn, sc`."""
+    rows = (r // L) * sb + (r % L) * sl
+    return rows[:, None, None] + t[None, :, None] * sn + (s * CS + c)[None, None, :] * sc
+
+
+@triton.jit
+def _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc,
+                 N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
+                 CP: tl.constexpr):  # fmt: skip
+    """The compressed tokens `(BM, KP)` of segment `s` of sequences `r` and their tokens `(BM, NP, CP)`."""
+    k = tl.arange(0, KP)  # compressed feature k = t*D + e: token t's e-th value (token-major)
+    z_offsets = ((r // L) * szb + (r % L) * szl)[:, None] + (k // D * szn + s * szs + k % D * sze)[None, :]
+    z = tl.load(z_ptr + z_offsets, mask=rmask[:, None] & (k < N * D)[None, :], other=0.0)
+    i, c = tl.arange(0, NP), tl.arange(0, CP)
+    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
+    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
+    return z, x
+
+
+@triton.jit
+def _mix_forward(
+    z_ptr, x_ptr, w_ptr, b_ptr, y_ptr, R, L,
+    szb, szl, szn, szs, sze,
+    sxb, sxl, sxn, sxc,
+    syb, syl, syn, syc,
+    w_row_stride,
+    N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr,
+    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    """`Y` of `BM` sequences and one segment (program ids: row block, segment), `BJ` output tokens at a time."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    s = tl.program_id(1)
+    rmask = r < R
+    z, x = _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc, N, D, CS, KP, NP, CP)
+    k, c = tl.arange(0, KP), tl.arange(0, CP)
+    for j0 in tl.static_range(0, N, BJ):
+        p = _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, k < N * D, N, BM, BJ, NP, PRECISION, WIDEN)
+        y = _dot(tl.trans(p.to(x.dtype), (0, 2, 1)), x, PRECISION, WIDEN)  # (BM, BJ, CP)
+        j = j0 + tl.arange(0, BJ)
+        ymask = rmask[:, None, None] & (j < N)[None, :, None] & (c < CS)[None, None, :]
+        tl.store(y_ptr + _tokens(r, L, s, j, c, syb, syl, syn, syc, CS), y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _mix_backward(
+    z_ptr, x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dl_ptr, R, L, S,
+    szb, szl, szn, szs, sze,
+    sxb, sxl, sxn, sxc,
+    syb, syl, syn, syc,
+    sgb, sgl, sgn, sgc,
+    w_row_stride,
+    N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr,
+    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    """`dX` (strides `sg*`) and the logits' gradient `(R, S, N, N)` of the programs of `_mix_forward`, from
+    `dY` (strides `sy*`), `P` recomputed."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    s = tl.program_id(1)
+    rmask = r < R
+    z, x = _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc, N, D, CS, KP, NP, CP)
+    k, i, c = tl.arange(0, KP), tl.arange(0, NP), tl.arange(0, CP)
+    dx = tl.zeros((BM, NP, CP), dtype=tl.float32)
+    dl_rows = (r * S + s)[:, None, None] * (N * N) + i[None, :, None] * N
+    for j0 in tl.static_range(0, N, BJ):
+        p = _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, k < N * D, N, BM, BJ, NP, PRECISION, WIDEN)
+        j = j0 + tl.arange(0, BJ)
+        dymask = rmask[:, None, None] & (j < N)[None, :, None] & (c < CS)[None, None, :]
+        dy = tl.load(dy_ptr + _tokens(r, L, s, j, c, syb, syl, syn, syc, CS), mask=dymask, other=0.0).to(x.dtype)
+        dx += _dot(p.to(x.dtype), dy, PRECISION, WIDEN)  # dX[i] = sum_j P[i, j] dY[j]
+        dp = _dot(x, tl.trans(dy, (0, 2, 1)), PRECISION, WIDEN)  # dP[i, j] = <X[i], dY[j]>
+        dl = p * (dp - tl.sum(p * dp, axis=1)[:, None, :])  # the softmax's backward, over i
+        dlmask = rmask[:, None, None] & (i < N)[None, :, None] & (j < N)[None, None, :]
+        tl.store(dl_ptr + dl_rows + j[None, None, :], dl.to(dl_ptr.dtype.element_ty), mask=dlmask)
+    dxmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
+    tl.store(dx_ptr + _tokens(r, L, s, i, c, sgb, sgl, sgn, sgc, CS), dx.to(dx_ptr.dtype.element_ty), mask=dxmask)
+
+
+def _meta(z: torch.Tensor, x: torch.Tensor) -> dict:
+    B, L, N, S, D = z.shape
+    C = x.shape[-1]
+    fp32 = x.dtype == torch.float32
+    tf32 = fp32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return {
+        "N": N,
+        "D": D,
+        "CS": C // S,
+        "BM": BLOCK_ROWS,
+        "BJ": BLOCK_OUT,
+        "NP": max(16, triton.next_power_of_2(N)),
+        "KP": max(16, triton.next_power_of_2(N * D)),
+        "CP": max(16, triton.next_power_of_2(C // S)),
+        "PRECISION": "tf32" if tf32 or not fp32 else "ieee",
+        "WIDEN": INTERPRETED and x.dtype == torch.bfloat16,
+    }
+
+
+def _grid(z: torch.Tensor) -> tuple[int, int]:
+    B, L, _, S, _ = z.shape
+    return triton.cdiv(B * L, BLOCK_ROWS), S
+
+
+class _DynamicMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, x, weight, bias):
+        B, L = x.shape[:2]
+        y = torch.empty_like(x)  # x's memory layout: a column op's output stays (B, H, W, C)
+        _mix_forward[_grid(z)](z, x, weight, bias, y, B * L, L, *z.stride(), *x.stride(), *y.stride(),
+                               weight.stride(0), **_meta(z, x))  # fmt: skip
+        ctx.save_for_backward(z, x, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, x, weight, bias = ctx.saved_tensors
+        B, L, N, S, D = z.shape
+        dx = torch.empty_like(x)
+        dl = torch.empty(B * L, S, N, N, device=x.device, dtype=x.dtype)
+        _mix_backward[_grid(z)](z, x, weight, bias, dy, dx, dl, B * L, L, S, *z.stride(), *x.stride(), *dy.stride(),
+                                *dx.stride(), weight.stride(0), **_meta(z, x))  # fmt: skip
+        dl = dl.view(B * L * S, N * N)
+        dz = (dl @ weight).view(B, L, S, N, D).transpose(2, 3)
+        zs = z.transpose(2, 3).reshape(B * L * S, N * D)
+        return dz, dx, (dl.mT @ zs).to(weight.dtype), dl.sum(0).to(bias.dtype)
+
+
+def dynamic_mix(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`Y_s[j] = sum_i softmax_i(W z_s + b)[i, j] X_s[i]` for every sequence and segment, fused.
+
+    `z` `(B, L, N, S, d)`: the compressed tokens of each segment; `x` `(B, L, N, C)` (any strides); `weight`
+    `(N*N, N*d)` and `bias` `(N*N,)`: the generate layer, whose output `i*N + j` is logit `(i, j)`. Returns
+    `(B, L, N, C)` in `x`'s memory layout. The mix runs in `x`'s dtype, the logits and softmax in fp32.
+    """
+    if not (z.dtype == x.dtype == weight.dtype == bias.dtype):
+        raise TypeError(f"dtypes differ: z {z.dtype}, x {x.dtype}, weight {weight.dtype}, bias {bias.dtype}")
+    return _DynamicMix.apply(z, x, weight.contiguous(), bias.contiguous())
