@@ -48,8 +48,9 @@ def forward_backward(op: DynaMixerOp, x: torch.Tensor, dy: torch.Tensor, dtype=N
 
 
 # (tokens, channels, segments, reduced dim): one output block and padding of every dimension; 20 tokens: two
-# output blocks, the second partly masked; 12 channels per segment (padded to 16); rows not a multiple of 16
-SHAPES = [(8, 32, 2, 2), (20, 48, 4, 3), (16, 64, 1, 1)]
+# output blocks, the second partly masked; 12 channels per segment (padded to 16); 12 x 8 = 96 compressed
+# features: two chunks of the logits GEMM, the second partly masked; rows not a multiple of 16
+SHAPES = [(8, 32, 2, 2), (20, 48, 4, 3), (16, 64, 1, 1), (12, 40, 2, 8)]
 
 
 @pytest.mark.parametrize("token_dim", [1, 2], ids=["columns", "rows"])

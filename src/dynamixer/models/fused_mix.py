@@ -22,6 +22,7 @@ __all__ = ["INTERPRETED", "dynamic_mix", "runs_on"]
 INTERPRETED = bool(knobs.runtime.interpret)
 BLOCK_ROWS = 16  # sequences per program: the M of the logits GEMM (tl.dot needs >= 16)
 BLOCK_OUT = 16  # output tokens per inner step: a (rows, N, BLOCK_OUT) logits tile at a time
+BLOCK_FEATURES = 64  # compressed features per chunk of the logits GEMM (N * d: 64 for S, 256 for L at 224)
 
 
 def runs_on(x: torch.Tensor) -> bool:
@@ -38,17 +39,26 @@ def _dot(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
-def _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, kmask, N: tl.constexpr, BM: tl.constexpr,
-                   BJ: tl.constexpr, NP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
-    """`P[:, :, j0:j0+BJ]`, the softmax over the source tokens `i` of the logits: `(BM, NP, BJ)` fp32."""
+def _probabilities(z_ptr, z_rows, rmask, s, szn, szs, sze, w_ptr, w_row_stride, b_ptr, j0,
+                   N: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr,
+                   KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    """`P[:, :, j0:j0+BJ]` of segment `s` of the sequences at `z_rows`: the softmax over the source tokens `i` of
+    the logits `z W^T + b`, `(BM, NP, BJ)` fp32; the compressed features `k` in chunks of `BK`."""
     q = tl.arange(0, NP * BJ)
     qi = q // BJ
     qj = j0 + q % BJ
     row = qi * N + qj  # the generate layer's output feature of entry (i, j)
     qmask = (qi < N) & (qj < N)
-    w = tl.load(w_ptr + row[None, :] * w_row_stride + k[:, None], mask=kmask[:, None] & qmask[None, :], other=0.0)
-    bias = tl.load(b_ptr + row, mask=qmask, other=0.0).to(tl.float32)
-    logits = _dot(z, w, PRECISION, WIDEN) + bias[None, :]
+    logits = tl.zeros((BM, NP * BJ), dtype=tl.float32)
+    for k0 in tl.static_range(0, KP, BK):
+        k = k0 + tl.arange(0, BK)  # compressed feature k = t*D + e: token t's e-th value (token-major)
+        kmask = k < N * D
+        z_offsets = z_rows[:, None] + (k // D * szn + s * szs + k % D * sze)[None, :]
+        z = tl.load(z_ptr + z_offsets, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w_offsets = row[None, :] * w_row_stride + k[:, None]
+        w = tl.load(w_ptr + w_offsets, mask=kmask[:, None] & qmask[None, :], other=0.0)
+        logits += _dot(z, w, PRECISION, WIDEN)
+    logits += tl.load(b_ptr + row, mask=qmask, other=0.0).to(tl.float32)[None, :]
     logits = tl.reshape(logits, (BM, NP, BJ))
     i = tl.arange(0, NP)
     logits = tl.where((i < N)[None, :, None], logits, float("-inf"))
@@ -65,17 +75,10 @@ def _tokens(r, L, s, t, c, sb, sl, sn, sc, CS: tl.constexpr):
 
 
 @triton.jit
-def _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc,
-                 N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
-                 CP: tl.constexpr):  # fmt: skip
-    """The compressed tokens `(BM, KP)` of segment `s` of sequences `r` and their tokens `(BM, NP, CP)`."""
-    k = tl.arange(0, KP)  # compressed feature k = t*D + e: token t's e-th value (token-major)
-    z_offsets = ((r // L) * szb + (r % L) * szl)[:, None] + (k // D * szn + s * szs + k % D * sze)[None, :]
-    z = tl.load(z_ptr + z_offsets, mask=rmask[:, None] & (k < N * D)[None, :], other=0.0)
-    i, c = tl.arange(0, NP), tl.arange(0, CP)
-    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
-    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
-    return z, x
+def _sequences(BM: tl.constexpr, R):
+    """This program's `BM` sequences (int64: offsets past 2**31 elements stay right) and which of them exist."""
+    r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    return r, r < R
 
 
 @triton.jit
@@ -86,17 +89,19 @@ def _mix_forward(
     syb, syl, syn, syc,
     w_row_stride,
     N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr,
-    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     """`Y` of `BM` sequences and one segment (program ids: row block, segment), `BJ` output tokens at a time."""
-    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    r, rmask = _sequences(BM, R)
     s = tl.program_id(1)
-    rmask = r < R
-    z, x = _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc, N, D, CS, KP, NP, CP)
-    k, c = tl.arange(0, KP), tl.arange(0, CP)
+    z_rows = (r // L) * szb + (r % L) * szl
+    i, c = tl.arange(0, NP), tl.arange(0, CP)
+    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
+    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
     for j0 in tl.static_range(0, N, BJ):
-        p = _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, k < N * D, N, BM, BJ, NP, PRECISION, WIDEN)
+        p = _probabilities(z_ptr, z_rows, rmask, s, szn, szs, sze, w_ptr, w_row_stride, b_ptr, j0,
+                           N, D, BM, BJ, NP, KP, BK, PRECISION, WIDEN)  # fmt: skip
         y = _dot(tl.trans(p.to(x.dtype), (0, 2, 1)), x, PRECISION, WIDEN)  # (BM, BJ, CP)
         j = j0 + tl.arange(0, BJ)
         ymask = rmask[:, None, None] & (j < N)[None, :, None] & (c < CS)[None, None, :]
@@ -112,20 +117,22 @@ def _mix_backward(
     sgb, sgl, sgn, sgc,
     w_row_stride,
     N: tl.constexpr, D: tl.constexpr, CS: tl.constexpr,
-    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    BM: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     """`dX` (strides `sg*`) and the logits' gradient `(R, S, N, N)` of the programs of `_mix_forward`, from
     `dY` (strides `sy*`), `P` recomputed."""
-    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    r, rmask = _sequences(BM, R)
     s = tl.program_id(1)
-    rmask = r < R
-    z, x = _load_inputs(z_ptr, x_ptr, r, L, s, rmask, szb, szl, szn, szs, sze, sxb, sxl, sxn, sxc, N, D, CS, KP, NP, CP)
-    k, i, c = tl.arange(0, KP), tl.arange(0, NP), tl.arange(0, CP)
+    z_rows = (r // L) * szb + (r % L) * szl
+    i, c = tl.arange(0, NP), tl.arange(0, CP)
+    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
+    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
     dx = tl.zeros((BM, NP, CP), dtype=tl.float32)
     dl_rows = (r * S + s)[:, None, None] * (N * N) + i[None, :, None] * N
     for j0 in tl.static_range(0, N, BJ):
-        p = _probabilities(z, w_ptr, w_row_stride, b_ptr, j0, k, k < N * D, N, BM, BJ, NP, PRECISION, WIDEN)
+        p = _probabilities(z_ptr, z_rows, rmask, s, szn, szs, sze, w_ptr, w_row_stride, b_ptr, j0,
+                           N, D, BM, BJ, NP, KP, BK, PRECISION, WIDEN)  # fmt: skip
         j = j0 + tl.arange(0, BJ)
         dymask = rmask[:, None, None] & (j < N)[None, :, None] & (c < CS)[None, None, :]
         dy = tl.load(dy_ptr + _tokens(r, L, s, j, c, syb, syl, syn, syc, CS), mask=dymask, other=0.0).to(x.dtype)
@@ -134,8 +141,7 @@ def _mix_backward(
         dl = p * (dp - tl.sum(p * dp, axis=1)[:, None, :])  # the softmax's backward, over i
         dlmask = rmask[:, None, None] & (i < N)[None, :, None] & (j < N)[None, None, :]
         tl.store(dl_ptr + dl_rows + j[None, None, :], dl.to(dl_ptr.dtype.element_ty), mask=dlmask)
-    dxmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
-    tl.store(dx_ptr + _tokens(r, L, s, i, c, sgb, sgl, sgn, sgc, CS), dx.to(dx_ptr.dtype.element_ty), mask=dxmask)
+    tl.store(dx_ptr + _tokens(r, L, s, i, c, sgb, sgl, sgn, sgc, CS), dx.to(dx_ptr.dtype.element_ty), mask=xmask)
 
 
 def _meta(z: torch.Tensor, x: torch.Tensor) -> dict:
@@ -151,6 +157,7 @@ def _meta(z: torch.Tensor, x: torch.Tensor) -> dict:
         "BJ": BLOCK_OUT,
         "NP": max(16, triton.next_power_of_2(N)),
         "KP": max(16, triton.next_power_of_2(N * D)),
+        "BK": min(BLOCK_FEATURES, max(16, triton.next_power_of_2(N * D))),
         "CP": max(16, triton.next_power_of_2(C // S)),
         "PRECISION": "tf32" if tf32 or not fp32 else "ieee",
         "WIDEN": INTERPRETED and x.dtype == torch.bfloat16,
