@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import sys
@@ -9,9 +10,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-# Triton kernels (dynamixer.models.fused_mix) run on CPU tensors in Triton's interpreter, which has to be chosen
-# before Triton is first imported (torch imports it): the tests run on the CPU, on any machine
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without an NVIDIA GPU, Triton kernels (dynamixer.models.fused_mix) run on CPU tensors in Triton's interpreter,
+# which has to be chosen before Triton is first imported (its own library functions are defined then); with
+# one, the tests of the kernels run them compiled, on the GPU
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 from slurm_cluster import SlurmCluster, install_packages, why_unavailable  # noqa: E402

@@ -448,6 +448,21 @@ def test_compile_is_for_fitting_only_evaluation_stays_eager(tmp_path):
     assert module.model._compiled_call_impl is None and 0 <= metrics[0]["val/acc1"] <= 1
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fused_mix_where_its_kernel_does_not_run_is_said(tmp_path, recwarn, compile):
+    from dynamixer.models import fused_mix
+
+    backbone = timm.create_model("dynamixer_tiny", img_size=16, num_classes=NUM_CLASSES, fused_mix=True)
+    # limit 0: configure_model runs, no step does (nothing is compiled)
+    trainer(tmp_path, limit_train_batches=0, limit_val_batches=0).fit(make_module(model=backbone, compile=compile))
+    said = [str(w.message) for w in recwarn if "model.fused_mix=true" in str(w.message)]
+    # on this CPU the kernel runs only in Triton's interpreter (conftest.py); compiled graphs never run it
+    idle = compile or not fused_mix.runs_on(torch.empty(0))
+    assert len(said) == idle, said
+    if compile:
+        assert "(cpu, module.compile=true) computes the PyTorch ops" in said[0]
+
+
 def test_no_checkpoint_of_a_diverged_state_is_written() -> None:
     """The divergence flag stays on the device between checks; a save checks it and the weights (raw and EMA):
     a non-finite loss, or a finite loss whose step left a non-finite weight, stops the save with the step."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -22,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
 from dynamixer.lightning_internals import is_compiled
+from dynamixer.models import DynaMixerOp
 from dynamixer.utils.provenance import provenance
 from dynamixer.utils.rng import rng_states, set_rng_states
 
@@ -109,6 +111,21 @@ class ImageClassifier(L.LightningModule):
         # with `_orig_mod.`; Lightning calls this hook before wrapping the module for DDP
         if self.hparams.compile and fitting and not is_compiled(self.model):
             self.model.compile(fullgraph=True)
+        self._say_if_fused_mix_is_idle(compiled=self.hparams.compile and fitting)
+
+    def _say_if_fused_mix_is_idle(self, compiled: bool) -> None:
+        """`model.fused_mix=true` where its kernel does not run (not on CUDA, or compiled) is said, not silent."""
+        if self._trainer is None or not any(isinstance(m, DynaMixerOp) and m.fused for m in self.model.modules()):
+            return
+        from dynamixer.models import fused_mix
+
+        device = self._trainer.strategy.root_device
+        if compiled or not fused_mix.runs_on(torch.empty(0, device=device)):
+            rank_zero_warn(
+                f"model.fused_mix=true: its Triton kernel runs on CUDA in eager mode, and this run "
+                f"({device.type}{', module.compile=true' if compiled else ''}) computes the PyTorch ops instead "
+                "(the same function); set model.fused_mix=false to silence this"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

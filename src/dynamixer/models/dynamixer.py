@@ -52,9 +52,9 @@ def _check_input(x: torch.Tensor, img_size: tuple[int, int]) -> None:
 
 
 def _fused_runs_on(x: torch.Tensor) -> bool:
-    """Whether the fused kernel runs on `x`: its device, in eager mode (traced and compiled graphs keep the
-    PyTorch ops, which Inductor fuses itself)."""
-    if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():
+    """Whether the fused kernel runs on `x`: its device, in eager mode (FX, TorchScript-traced and compiled
+    graphs keep the PyTorch ops)."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     from dynamixer.models import fused_mix
 
@@ -78,8 +78,8 @@ class DynaMixerOp(nn.Module):
     (`static_logits`, `(S, N, N)`) instead of being generated from the tokens.
 
     `fused=True` runs generate -> softmax -> mix as one Triton kernel (`fused_mix`) where it can run (CUDA
-    tensors, eager mode), without the `N x N` matrices in memory; elsewhere, and for static mixing, the
-    PyTorch ops below. Same weights, same function.
+    tensors, eager mode), without the `N x N` matrices in memory; elsewhere (the CPU, traced or compiled
+    graphs), and for static mixing, the PyTorch ops below. Same weights, same function.
     """
 
     __constants__ = ["static", "token_dim", "fused"]  # constants for TorchScript: only one kind of matrices is compiled
@@ -98,8 +98,8 @@ class DynaMixerOp(nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if fused:
-            _require_triton()
+        if fused and mixing == "dynamic":
+            _require_fused_mix()
         if token_dim not in (1, 2):
             raise ConfigError(f"token_dim={token_dim}: the tokens are along dim 2 (B, L, N, C) or 1 (B, N, L, C)")
         if dim % segments:
@@ -343,9 +343,9 @@ def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
     return value
 
 
-def _require_triton() -> None:
+def _require_fused_mix() -> None:
     try:
-        import triton  # noqa: F401
+        from dynamixer.models import fused_mix  # noqa: F401  (imports Triton)
     except ImportError:
         raise ConfigError(
             "fused_mix=true needs Triton, which is not installed: install PyTorch's CUDA build (it brings Triton), "

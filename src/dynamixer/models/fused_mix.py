@@ -4,12 +4,16 @@ For each sequence (a row or column of the grid) and segment, the forward kernel 
 `z @ W^T + b` from the compressed tokens `z` `(N*d,)`, their softmax over the source tokens and the mix
 `Y[j] = sum_i P[i, j] X[i]`, a block of output tokens at a time, and writes only `Y`. The backward kernel
 recomputes `P` (as flash attention does) and writes `dX` and the logits' gradient, from which two GEMMs
-give the gradients of `z` and of the generate layer. Nothing `N x N` is kept between forward and backward.
+give the gradients of `z` and of the generate layer. Nothing `N x N` is kept between forward and backward; the
+backward writes the logits' gradient once (the size of the PyTorch op's `P`) and frees it.
 
-Kernels run on CUDA tensors; with `TRITON_INTERPRET=1` set before this module is imported, on CPU tensors in
-Triton's interpreter (how the tests check them on a machine without a GPU). Relies on Triton >= 3.0 for
-3-d `tl.dot` (pinned through torch in requirements.lock).
+Kernels run on CUDA tensors; with `TRITON_INTERPRET=1` set before Triton is imported, on CPU tensors in
+Triton's interpreter (how the tests check them on a machine without a GPU). The block sizes are chosen for
+registers and shared memory on paper, not tuned on a GPU yet. Relies on Triton >= 3.0 for 3-d `tl.dot`
+(pinned through torch in requirements.lock).
 """
+
+import contextlib
 
 import torch
 import triton
@@ -20,9 +24,12 @@ __all__ = ["INTERPRETED", "dynamic_mix", "runs_on"]
 
 # the kernels were defined for Triton's interpreter: they run on CPU tensors (slowly), not on CUDA ones
 INTERPRETED = bool(knobs.runtime.interpret)
-BLOCK_ROWS = 16  # sequences per program: the M of the logits GEMM (tl.dot needs >= 16)
-BLOCK_OUT = 16  # output tokens per inner step: a (rows, N, BLOCK_OUT) logits tile at a time
-BLOCK_FEATURES = 64  # compressed features per chunk of the logits GEMM (N * d: 64 for S, 256 for L at 224)
+BLOCK_ROWS = 8  # sequences per program: the M of the logits GEMM
+BLOCK_OUT = 16  # output tokens per inner step: a (rows, N, BLOCK_OUT) logits tile at a time; a K of the backward
+# compressed features per chunk of the logits GEMM (N * d: 64 for S, 256 for L at 224): a (chunk, N * BLOCK_OUT)
+# tile of W, 64 KiB at N = 32 in either dtype
+BLOCK_FEATURES = {2: 64, 4: 32}  # by element size
+NUM_WARPS = 8  # the (rows, N, channels) tiles of x and dx: 32 registers a thread each at N = 32, 32 channels
 
 
 def runs_on(x: torch.Tensor) -> bool:
@@ -145,10 +152,10 @@ def _mix_backward(
 
 
 def _meta(z: torch.Tensor, x: torch.Tensor) -> dict:
+    """The kernels' compile-time sizes for `z` `(B, L, N, S, d)` and `x` `(B, L, N, C)`: padded to powers of 2."""
     B, L, N, S, D = z.shape
     C = x.shape[-1]
-    fp32 = x.dtype == torch.float32
-    tf32 = fp32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return {
         "N": N,
         "D": D,
@@ -157,40 +164,57 @@ def _meta(z: torch.Tensor, x: torch.Tensor) -> dict:
         "BJ": BLOCK_OUT,
         "NP": max(16, triton.next_power_of_2(N)),
         "KP": max(16, triton.next_power_of_2(N * D)),
-        "BK": min(BLOCK_FEATURES, max(16, triton.next_power_of_2(N * D))),
+        "BK": min(BLOCK_FEATURES[x.element_size()], max(16, triton.next_power_of_2(N * D))),
         "CP": max(16, triton.next_power_of_2(C // S)),
-        "PRECISION": "tf32" if tf32 or not fp32 else "ieee",
+        "PRECISION": "tf32" if tf32 else "ieee",  # fp32 as torch.matmul computes it; other dtypes ignore it
         "WIDEN": INTERPRETED and x.dtype == torch.bfloat16,
+        "num_warps": NUM_WARPS,
     }
 
 
 def _grid(z: torch.Tensor) -> tuple[int, int]:
+    """One program per block of `BLOCK_ROWS` sequences and segment."""
     B, L, _, S, _ = z.shape
     return triton.cdiv(B * L, BLOCK_ROWS), S
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it `x`'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class _DynamicMix(torch.autograd.Function):
+    """`dynamic_mix` with its backward; saves only its inputs."""
+
     @staticmethod
     def forward(ctx, z, x, weight, bias):
         B, L = x.shape[:2]
         y = torch.empty_like(x)  # x's memory layout: a column op's output stays (B, H, W, C)
-        _mix_forward[_grid(z)](z, x, weight, bias, y, B * L, L, *z.stride(), *x.stride(), *y.stride(),
-                               weight.stride(0), **_meta(z, x))  # fmt: skip
+        with _on_device(x):
+            _mix_forward[_grid(z)](z, x, weight, bias, y, B * L, L, *z.stride(), *x.stride(), *y.stride(),
+                                   weight.stride(0), **_meta(z, x))  # fmt: skip
         ctx.save_for_backward(z, x, weight, bias)
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # dx and the logits' gradient come from a kernel, not a graph
     def backward(ctx, dy):
         z, x, weight, bias = ctx.saved_tensors
         B, L, N, S, D = z.shape
         dx = torch.empty_like(x)
         dl = torch.empty(B * L, S, N, N, device=x.device, dtype=x.dtype)
-        _mix_backward[_grid(z)](z, x, weight, bias, dy, dx, dl, B * L, L, S, *z.stride(), *x.stride(), *dy.stride(),
-                                *dx.stride(), weight.stride(0), **_meta(z, x))  # fmt: skip
+        with _on_device(x):
+            _mix_backward[_grid(z)](z, x, weight, bias, dy, dx, dl, B * L, L, S, *z.stride(), *x.stride(),
+                                    *dy.stride(), *dx.stride(), weight.stride(0), **_meta(z, x))  # fmt: skip
         dl = dl.view(B * L * S, N * N)
-        dz = (dl @ weight).view(B, L, S, N, D).transpose(2, 3)
-        zs = z.transpose(2, 3).reshape(B * L * S, N * D)
-        return dz, dx, (dl.mT @ zs).to(weight.dtype), dl.sum(0).to(bias.dtype)
+        dz = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dz = (dl @ weight).view(B, L, S, N, D).transpose(2, 3)
+        if ctx.needs_input_grad[2]:
+            dweight = dl.mT @ z.transpose(2, 3).reshape(B * L * S, N * D)
+        if ctx.needs_input_grad[3]:
+            dbias = dl.sum(0).to(bias.dtype)
+        return dz, dx, dweight, dbias
 
 
 def dynamic_mix(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -200,6 +224,14 @@ def dynamic_mix(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     `(N*N, N*d)` and `bias` `(N*N,)`: the generate layer, whose output `i*N + j` is logit `(i, j)`. Returns
     `(B, L, N, C)` in `x`'s memory layout. The mix runs in `x`'s dtype, the logits and softmax in fp32.
     """
-    if not (z.dtype == x.dtype == weight.dtype == bias.dtype):
-        raise TypeError(f"dtypes differ: z {z.dtype}, x {x.dtype}, weight {weight.dtype}, bias {bias.dtype}")
+    B, L, N, S, D = z.shape
+    C = x.shape[-1]
+    if x.shape[:3] != z.shape[:3] or C % S or weight.shape != (N * N, N * D) or bias.shape != (N * N,):
+        raise ValueError(
+            f"shapes do not fit: z {tuple(z.shape)} (B, L, N, S, d), x {tuple(x.shape)} (B, L, N, C with C % S == 0), "
+            f"weight {tuple(weight.shape)} (N*N, N*d), bias {tuple(bias.shape)} (N*N,)"
+        )
+    kinds = [(t.dtype, t.device) for t in (z, x, weight, bias)]
+    if len(set(kinds)) > 1:
+        raise TypeError(f"z, x, weight and bias differ in dtype or device: {kinds}")
     return _DynamicMix.apply(z, x, weight.contiguous(), bias.contiguous())

@@ -23,9 +23,12 @@ from hydra.utils import get_object
 from dynamixer.errors import CheckpointError
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-# what a checkpoint may never set: the model's weights come from the checkpoint itself, and nothing is written
-# where a file says
-FIXED = {"model": {"pretrained_file": None, "pretrained_weights": "ema"}, "data": {"corrupt_log": None}}
+# what a checkpoint may never set: the model's weights come from the checkpoint itself, nothing is written
+# where a file says, and the PyTorch ops compute it (the fused kernel needs Triton and a GPU: the command's choice)
+FIXED = {
+    "model": {"pretrained_file": None, "pretrained_weights": "ema", "fused_mix": False},
+    "data": {"corrupt_log": None},
+}
 # constructor arguments that are not run settings
 NOT_SETTINGS = {"self", "device", "dtype", "num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box", "random")
