@@ -165,6 +165,16 @@ def test_what_is_never_built_from_a_checkpoint_cannot_stop_it_being_used(
     assert marker.read_text() == "precious" and connections.connections == 0
 
 
+def test_a_checkpoint_cannot_choose_the_fused_kernel(trained, tmp_path: Path) -> None:
+    """Test/predict/export compute a checkpoint with the PyTorch ops whatever its config says: the Triton kernel
+    needs Triton and a GPU, which is the command's choice (and untested code is not a file's to pick)."""
+    from dynamixer.run.stored_config import read_stored_run
+
+    evil = craft_config(trained, tmp_path, {"model.fused_mix": True})
+    stored = read_stored_run(read_checkpoint(evil), str(evil))
+    assert stored.model["fused_mix"] is False and stored.model["model_name"] == "dynamixer_tiny"
+
+
 def test_a_checkpoint_without_our_format_version_gets_a_clear_error(trained, tmp_path: Path, user_error) -> None:
     old = crafted(trained, tmp_path, lambda c: c.pop("dynamixer_format"))
     message = user_error("test.py", [f"ckpt_path={old}", "hardware=cpu"], tmp_path)
