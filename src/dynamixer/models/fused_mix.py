@@ -82,10 +82,17 @@ def _tokens(r, L, s, t, c, sb, sl, sn, sc, CS: tl.constexpr):
 
 
 @triton.jit
-def _sequences(BM: tl.constexpr, R):
-    """This program's `BM` sequences (int64: offsets past 2**31 elements stay right) and which of them exist."""
+def _program(x_ptr, R, L, szb, szl, sxb, sxl, sxn, sxc,
+             N: tl.constexpr, CS: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, CP: tl.constexpr):  # fmt: skip
+    """This program's `BM` sequences `r` (int64: offsets past 2**31 elements stay right), which of them exist,
+    its segment, the offsets of their rows in `z`, and their tokens `(BM, NP, CP)` with the mask of those."""
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    return r, r < R
+    rmask = r < R
+    s = tl.program_id(1)
+    i, c = tl.arange(0, NP), tl.arange(0, CP)
+    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
+    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
+    return r, rmask, s, (r // L) * szb + (r % L) * szl, x, xmask
 
 
 @triton.jit
@@ -100,12 +107,8 @@ def _mix_forward(
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     """`Y` of `BM` sequences and one segment (program ids: row block, segment), `BJ` output tokens at a time."""
-    r, rmask = _sequences(BM, R)
-    s = tl.program_id(1)
-    z_rows = (r // L) * szb + (r % L) * szl
-    i, c = tl.arange(0, NP), tl.arange(0, CP)
-    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
-    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
+    r, rmask, s, z_rows, x, xmask = _program(x_ptr, R, L, szb, szl, sxb, sxl, sxn, sxc, N, CS, BM, NP, CP)
+    c = tl.arange(0, CP)
     for j0 in tl.static_range(0, N, BJ):
         p = _probabilities(z_ptr, z_rows, rmask, s, szn, szs, sze, w_ptr, w_row_stride, b_ptr, j0,
                            N, D, BM, BJ, NP, KP, BK, PRECISION, WIDEN)  # fmt: skip
@@ -129,12 +132,8 @@ def _mix_backward(
 ):  # fmt: skip
     """`dX` (strides `sg*`) and the logits' gradient `(R, S, N, N)` of the programs of `_mix_forward`, from
     `dY` (strides `sy*`), `P` recomputed."""
-    r, rmask = _sequences(BM, R)
-    s = tl.program_id(1)
-    z_rows = (r // L) * szb + (r % L) * szl
+    r, rmask, s, z_rows, x, xmask = _program(x_ptr, R, L, szb, szl, sxb, sxl, sxn, sxc, N, CS, BM, NP, CP)
     i, c = tl.arange(0, NP), tl.arange(0, CP)
-    xmask = rmask[:, None, None] & (i < N)[None, :, None] & (c < CS)[None, None, :]
-    x = tl.load(x_ptr + _tokens(r, L, s, i, c, sxb, sxl, sxn, sxc, CS), mask=xmask, other=0.0)
     dx = tl.zeros((BM, NP, CP), dtype=tl.float32)
     dl_rows = (r * S + s)[:, None, None] * (N * N) + i[None, :, None] * N
     for j0 in tl.static_range(0, N, BJ):
