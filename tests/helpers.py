@@ -39,6 +39,8 @@ def script_env() -> dict[str, str]:
     env.pop("DYNAMIXER_TRACES_ASKED", None)
     env.pop("DYNAMIXER_ROOT", None)  # logs go under the script's working folder
     env["PYTHONUNBUFFERED"] = "1"
+    # test-only callbacks (`+callbacks.<name>._target_=helpers.<Callback>`) are importable in a script run
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -338,3 +340,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
             is_norm_weight = p.ndim == 1 and name.endswith("weight")
             p.copy_(1 + noise if is_norm_weight else noise)
     return model
+
+
+def signal_at_last_validation_batch():
+    """A test-only callback: SIGTERM to its own process as the last batch of the first validation after training
+    began starts (the moment a stop meets the epoch's end)."""
+    import signal as signals
+
+    import lightning as L
+
+    class SignalAtLastValidationBatch(L.Callback):
+        sent = False
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            last = batch_idx + 1 == trainer.num_val_batches[dataloader_idx]
+            if last and not trainer.sanity_checking and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signals.SIGTERM)
+
+    return SignalAtLastValidationBatch()

@@ -128,6 +128,24 @@ def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(
     assert differing(straight, training_state(run_dir / "checkpoints" / "last.ckpt")) == []
 
 
+def test_a_signal_at_an_epoch_s_last_validation_batch_stops_there_and_the_resume_trains_on_exactly(
+    tmp_path: Path,
+) -> None:
+    """A stop decided in the validation that closes an epoch is saved at that epoch's last step; the resumed run
+    trains the next epoch as the uninterrupted run did."""
+    validated = ["trainer.max_epochs=2", "trainer.limit_val_batches=2"]
+    finish(start(tmp_path, *validated, "run_name=straight"))
+    run_dir = tmp_path / "logs/train/runs/pre"
+    signal_at = "+callbacks.signal_at._target_=helpers.signal_at_last_validation_batch"
+    finish(start(tmp_path, *validated, "run_name=pre", signal_at), expect=128 + signal.SIGTERM)
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == STEPS_PER_EPOCH
+
+    finish(start(tmp_path, *validated, "run_name=pre", "ckpt_path=auto"))
+    assert step_losses(run_dir) == step_losses(tmp_path / "logs/train/runs/straight")
+    straight = training_state(tmp_path / "logs/train/runs/straight/checkpoints/last.ckpt")
+    assert differing(straight, training_state(run_dir / "checkpoints" / "last.ckpt")) == []
+
+
 def training_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
