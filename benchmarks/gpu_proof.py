@@ -466,7 +466,7 @@ def fused_op(args: argparse.Namespace, device: torch.device) -> dict:
         row["train_speedup"] = row["pytorch_train_ms"] / row["fused_train_ms"]
         rows.append(row)
     model_rows = []
-    img = MODELS[name][1] if name in MODELS else TINY_COMPILED[name]
+    img = TINY_COMPILED[name] if args.tiny else MODELS[name][0]  # dynamixer_s at 224 on the GPU
     for fused in (False, True):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, img_size=img, fused_mix=fused).to(device)
