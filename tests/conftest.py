@@ -19,7 +19,18 @@ if not glob.glob("/dev/nvidia[0-9]*"):
 import pytest  # noqa: E402
 from slurm_cluster import SlurmCluster, install_packages, why_unavailable  # noqa: E402
 
-from helpers import entry_point, write_image_tree, write_shard_sets  # noqa: E402
+from helpers import QUIET_FAST, compose_job_config, entry_point, write_image_tree, write_shard_sets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of one real training run (digits, dynamixer_tiny, `debug=fast`: 2 epochs of 3 steps), for the
+    tests that read its files; a test that changes a file works on a copy."""
+    from dynamixer.run import train
+
+    folder = tmp_path_factory.mktemp("digits_run") / "run"
+    train(compose_job_config(QUIET_FAST, folder))
+    return folder
 
 
 @pytest.fixture

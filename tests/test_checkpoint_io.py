@@ -17,15 +17,15 @@ from omegaconf import OmegaConf
 
 from dynamixer.checkpoint_io import AtomicCheckpointIO, previous_path
 from dynamixer.errors import CheckpointError
-from dynamixer.lit_module import CHECKPOINT_FORMAT
-from dynamixer.run.checkpoints import resume_path
+from dynamixer.run.checkpoints import resume_checkpoint
 from dynamixer.utils.results import write_results
 
-# a child that saves ever larger steps of a 64 MB state through the real writer, until it is killed
+# a child that saves ever larger steps of a real checkpoint with a 64 MB state through the real writer, until it
+# is killed
 WRITER = """
 import sys, torch
 from dynamixer.checkpoint_io import AtomicCheckpointIO
-io, path, step, ours = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2]), {"dynamixer_format": int(sys.argv[3])}
+io, path, step, ours = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2]), torch.load(sys.argv[3], weights_only=True)
 while True:
     step += 1
     io.save_checkpoint({**ours, "global_step": step, "w": torch.full((16 * 2**20,), float(step))}, path)
@@ -33,19 +33,25 @@ while True:
 """
 
 
-OURS = {"dynamixer_format": CHECKPOINT_FORMAT}  # what makes a file one of our checkpoints for the reader
+@pytest.fixture(scope="module")
+def ours(digits_run: Path) -> dict:
+    """A real training checkpoint's content: what the reader takes as one of ours."""
+    return torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def auto_resume(output_dir: Path) -> str | None:
-    return resume_path(OmegaConf.create({"ckpt_path": "auto", "paths": {"output_dir": str(output_dir)}}))
+    found = resume_checkpoint(OmegaConf.create({"ckpt_path": "auto", "paths": {"output_dir": str(output_dir)}}))
+    return found and found[0]
 
 
-def test_kills_during_real_writes_leave_whole_checkpoints_and_no_temporary_file_after_a_restart(tmp_path: Path) -> None:
+def test_kills_during_real_writes_leave_whole_checkpoints_and_no_temporary_file_after_a_restart(
+    tmp_path: Path, digits_run: Path
+) -> None:
     folder = tmp_path / "checkpoints"
     path = folder / "last.ckpt"
     rng, step = random.Random(0), 0
     for _ in range(4):
-        command = [sys.executable, "-c", WRITER, str(path), str(step), str(CHECKPOINT_FORMAT)]
+        command = [sys.executable, "-c", WRITER, str(path), str(step), str(digits_run / "checkpoints" / "last.ckpt")]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # one save of this process is complete
         time.sleep(rng.uniform(0.0, 0.5))  # then somewhere in a later one: a save takes about that long
@@ -65,11 +71,11 @@ def test_kills_during_real_writes_leave_whole_checkpoints_and_no_temporary_file_
         assert torch.load(previous_path(path), weights_only=True)["global_step"] in (step - 1, step)
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog) -> None:
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog, ours: dict) -> None:
     folder = tmp_path / "checkpoints"
     io = AtomicCheckpointIO()
     for step in (1, 2):
-        io.save_checkpoint({**OURS, "global_step": step, "w": torch.ones(1000) * step}, folder / "last.ckpt")
+        io.save_checkpoint({**ours, "global_step": step, "w": torch.ones(1000) * step}, folder / "last.ckpt")
     assert auto_resume(tmp_path) == str(folder / "last.ckpt")
     newest = (folder / "last.ckpt").read_bytes()
     (folder / "last.ckpt").write_bytes(newest[: len(newest) // 2])  # a disk that filled up mid-copy
@@ -84,9 +90,9 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: 
         auto_resume(tmp_path)
 
 
-def test_a_stale_temporary_file_of_a_killed_save_is_removed_on_resume(tmp_path: Path) -> None:
+def test_a_stale_temporary_file_of_a_killed_save_is_removed_on_resume(tmp_path: Path, ours: dict) -> None:
     folder = tmp_path / "checkpoints"
-    AtomicCheckpointIO().save_checkpoint({**OURS, "global_step": 3}, folder / "last.ckpt")
+    AtomicCheckpointIO().save_checkpoint({**ours, "global_step": 3}, folder / "last.ckpt")
     (folder / ".last.ckpt.12345.tmp").write_bytes(b"half a checkpoint")
     assert auto_resume(tmp_path) == str(folder / "last.ckpt")
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]

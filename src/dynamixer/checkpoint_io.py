@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dynamixer.errors import CheckpointWriteError
 
+log = logging.getLogger(__name__)
 TMP_SUFFIX = ".tmp"
 # a write that fails for want of room or permission: the user's to fix, the previous checkpoint intact
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -140,12 +143,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with `atomic_torch_save`: a save is complete or not there, and the
-    previous checkpoint of the same name stays until the new one is complete."""
+    """Lightning's checkpoint IO for our checkpoints. A save is complete or not there (`atomic_torch_save`), the
+    previous checkpoint of the same name staying until the new one is complete. A load goes through our one
+    reader (`dynamixer.checkpoint_reader`), and `resumed=(path, checkpoint)`, already read by it, is not read
+    again. A removal removes only a file of a folder this IO has saved into, never a folder or a URL (the
+    paths to remove come from the callbacks' state, which came from a file)."""
+
+    def __init__(self, resumed: tuple[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._resumed = resumed
+        self._folders: set[Path] = set()
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
+        if self._resumed is not None and str(path) == self._resumed[0]:
+            checkpoint, self._resumed = self._resumed[1], None
+            return checkpoint
+        from dynamixer.checkpoint_reader import read_checkpoint
+
+        return read_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        self._folders.add(Path(path).parent.resolve())
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as err:
@@ -159,5 +179,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
     def remove_checkpoint(self, path: Any) -> None:
-        super().remove_checkpoint(path)
-        previous_path(path).unlink(missing_ok=True)
+        target = Path(str(path))
+        try:
+            ours = "://" not in str(path) and "::" not in str(path) and target.parent.resolve() in self._folders
+            ours = ours and not stat.S_ISDIR(os.lstat(target).st_mode)
+        except (OSError, RuntimeError, ValueError):
+            ours = False
+        if not ours:
+            log.warning("not removing %s: no checkpoint file this run saved", str(path)[:300])
+            return
+        target.unlink(missing_ok=True)
+        previous_path(target).unlink(missing_ok=True)

@@ -12,12 +12,16 @@ fails naming the attribute if a release moves one. Why each is needed:
 - `ModelCheckpoint`'s save bookkeeping: save the last step (end of epoch, end of training) only once;
 - a WandbLogger's run only if one was started (reading `.experiment` would start one);
 - whether a module was compiled in place (`nn.Module.compile`);
-- the rank processes Lightning started, to end them when this one fails (they would wait for it forever).
+- the rank processes Lightning started, to end them when this one fails (they would wait for it forever);
+- the loops' state a checkpoint holds (`_checkpoint_connector._get_loops_state_dict`): the structure a
+  checkpoint's loop progress is checked against before Lightning restores it (`dynamixer.checkpoint_reader`).
 The CSV logger that appends to a resumed run's metrics.csv overrides two private hooks (`dynamixer.loggers`).
 """
 
 from __future__ import annotations
 
+import logging
+from functools import cache
 from typing import Any
 
 import lightning as L
@@ -100,3 +104,16 @@ def started_wandb_run(logger: Any) -> Any:
 def is_compiled(module: nn.Module) -> bool:
     """Whether `module.compile()` was called (in place: the parameter names stay those of the eager module)."""
     return _private(module, "_compiled_call_impl") is not None
+
+
+@cache
+def loops_state_template() -> dict[str, Any]:
+    """The loops' state that a checkpoint of this Lightning holds, as a fresh trainer writes it (all counts 0)."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the trainer's "GPU available" lines
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    finally:
+        quiet.setLevel(level)
+    return _private(trainer, "_checkpoint_connector._get_loops_state_dict")()

@@ -2,51 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
+from dynamixer.checkpoint_reader import check_weights_fit, read_checkpoint
 from dynamixer.errors import CheckpointError, MissingPathError
-from dynamixer.lit_module import CHECKPOINT_FORMAT
-from dynamixer.models.weights import read_file, training_weights
+from dynamixer.models.weights import training_weights
 from dynamixer.run.stored_config import StoredRun, read_stored_run
 
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(ckpt_path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """The content of one of our training checkpoints, read as data only (`read_file`); another format is
-    refused."""
-    checkpoint = read_file(ckpt_path, mmap=mmap)
-    version = checkpoint.get("dynamixer_format") if isinstance(checkpoint, dict) else None
-    if version != CHECKPOINT_FORMAT:
-        found = "no format version (a checkpoint of another program, or of dynamixer before format 1)"
-        raise CheckpointError(
-            f"{ckpt_path} has {found if version is None else f'format {version}'}, this dynamixer reads format "
-            f"{CHECKPOINT_FORMAT}: use a dynamixer version that wrote it, or, for weights alone, "
-            "model.pretrained_file=<file>"
-        )
-    return checkpoint
-
-
-def _readable(path: Path) -> bool:
+def _read_or_why(path: Path) -> dict[str, Any] | str:
+    """The checkpoint at `path`, or why it cannot be read."""
     try:
-        read_checkpoint(path, mmap=True)
-        return True
+        return read_checkpoint(path)
     except Exception as err:  # truncated, torn or not a checkpoint at all: any reason means "not this one"
         log.warning("cannot read checkpoint %s (%s: %s); trying the previous one", path, type(err).__name__, err)
-        return False
+        return f"{path.name}: {err}"
 
 
-def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path`: a checkpoint file, or `auto` for this run folder's newest readable resumable state:
-    `last.ckpt`, else the `last.prev.ckpt` it replaced (with a warning naming the unreadable file)."""
+def resume_checkpoint(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume, read and validated (`dynamixer.checkpoint_reader`), with its path: `ckpt_path`,
+    a checkpoint file, or `auto` for this run folder's newest readable resumable state: `last.ckpt`, else the
+    `last.prev.ckpt` it replaced (with a warning naming the unreadable file)."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return None
@@ -54,19 +40,24 @@ def resume_path(cfg: DictConfig) -> str | None:
         folder = Path(cfg.paths.output_dir) / "checkpoints"
         remove_stale_temporaries(folder)
         candidates = [p for p in (folder / "last.ckpt", previous_path(folder / "last.ckpt")) if p.is_file()]
-        found = next((p for p in candidates if _readable(p)), None)
-        if candidates and found is None:
+        why = []
+        for path in candidates:
+            found = _read_or_why(path)
+            if isinstance(found, dict):
+                return str(path), found
+            why.append(found)
+        if candidates:
             raise CheckpointError(
-                f"no readable checkpoint to resume in {folder} ({', '.join(p.name for p in candidates)} cannot be "
-                "read): move them away to start the run over, or give ckpt_path=<file> of another checkpoint"
+                f"no readable checkpoint to resume in {folder} ({'; '.join(why)}). Move them away to start the run "
+                "over, or give ckpt_path=<file> of another checkpoint"
             )
-        return None if found is None else str(found)
+        return None
     if not os.path.isfile(ckpt_path):
         raise MissingPathError(
             f"ckpt_path={ckpt_path} does not exist: give the path of a .ckpt file (e.g. <run folder>/checkpoints/"
             "last.ckpt), or ckpt_path=auto to resume this run folder's last checkpoint when there is one"
         )
-    return ckpt_path
+    return str(ckpt_path), read_checkpoint(ckpt_path)
 
 
 # what a resume must train as before: these sections and keys (every key under a section, but the ones below)
@@ -75,6 +66,7 @@ TRAINED_TRAINER_KEYS = (
     "max_epochs",
     "max_steps",
     "limit_train_batches",
+    "overfit_batches",
     "accumulate_grad_batches",
     "precision",
     "gradient_clip_val",
@@ -112,14 +104,19 @@ def _trained(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if not k.startswith(NOT_TRAINED)}
 
 
-def check_resume_config(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | None:
+def _typed(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def check_resume_config(ckpt_path: str, checkpoint: dict[str, Any], cfg: DictConfig) -> dict[str, Any] | None:
     """A resume trains what was trained before: refuse, naming each key with its old and new value, a
     command that changes it. With `extend=true` a new `trainer.max_epochs`/`max_steps` is accepted (the
     schedule is then rebuilt for it): returns `{key: [old, new]}` of those, or None."""
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
     stored = _trained(read_stored_run(checkpoint, ckpt_path).run_config)
     now = _trained(OmegaConf.to_container(cfg, resolve=True))
-    differ = {k: [stored.get(k), now.get(k)] for k in sorted(stored.keys() | now.keys()) if stored.get(k) != now.get(k)}
+    # typed: Lightning reads limit_train_batches=1 as one batch and 1.0 as the whole epoch
+    keys = sorted(stored.keys() | now.keys())
+    differ = {k: [stored.get(k), now.get(k)] for k in keys if _typed(stored.get(k)) != _typed(now.get(k))}
     extended = {k: v for k, v in differ.items() if k in EXTENDABLE} if cfg.get("extend") else {}
     refused = {k: v for k, v in differ.items() if k not in extended}
     if refused:
@@ -144,8 +141,13 @@ def load_checkpoint(ckpt_path: str) -> tuple[dict[str, Any], StoredRun]:
 def load_model(ckpt_path: str, weights: str = "ema") -> tuple[torch.nn.Module, StoredRun]:
     """The backbone of a training checkpoint with its raw or EMA weights, in eval mode, and the checkpoint's
     stored run (model and data settings, class names, eval transform)."""
+    from dynamixer.run.build import instantiate_checked
+
     checkpoint, stored = load_checkpoint(ckpt_path)
     state = training_weights(checkpoint["state_dict"], weights, ckpt_path, option="weights")
-    model = instantiate(stored.model, num_classes=stored.num_classes, _convert_="all")
+    with torch.device("meta"):  # its shapes, nothing allocated: the weights must fit before the model is built
+        shapes = instantiate_checked(stored.model, num_classes=stored.num_classes, _convert_="all").state_dict()
+    check_weights_fit(state, shapes, ckpt_path)
+    model = instantiate_checked(stored.model, num_classes=stored.num_classes, _convert_="all")
     model.load_state_dict(state)
     return model.eval(), stored

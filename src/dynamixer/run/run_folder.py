@@ -24,7 +24,7 @@ class RunFolderError(UserError):
 
 
 def _what_it_holds(folder: Path) -> str:
-    from dynamixer.run.checkpoints import read_checkpoint
+    from dynamixer.checkpoint_reader import read_checkpoint
 
     last = folder / "checkpoints" / "last.ckpt"
     try:

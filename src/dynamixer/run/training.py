@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from dynamixer import signals
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
+from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.lightning_internals import launched_ranks
 from dynamixer.run.build import build, instantiate_checked, model_size
-from dynamixer.run.checkpoints import check_resume_config, resume_path
+from dynamixer.run.checkpoints import check_resume_config, resume_checkpoint
 from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.utils.launch import (
     RequeueLimitReached,
@@ -186,10 +187,13 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     check_devices(cfg.trainer)
     # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
     # could be another: a save or a copy in between)
-    ckpt_path = resume_path(cfg) if is_first_process() or RESUME_FROM not in os.environ else os.environ[RESUME_FROM]
-    ckpt_path = ckpt_path or None
+    if is_first_process() or RESUME_FROM not in os.environ:
+        resumed = resume_checkpoint(cfg)
+    else:
+        resumed = resume_checkpoint(OmegaConf.merge(cfg, {"ckpt_path": os.environ[RESUME_FROM] or None}))
+    ckpt_path = resumed[0] if resumed else None
     os.environ[RESUME_FROM] = ckpt_path or ""
-    extended = check_resume_config(ckpt_path, cfg) if ckpt_path else None
+    extended = check_resume_config(*resumed, cfg) if resumed else None
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)  # before the run config is stored anywhere
     provenance()  # read now (and kept): the code this start runs, whatever changes in the checkout later
     if is_first_process():
@@ -197,15 +201,19 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         record_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    if resumed:  # the file's weights are those of this model (else Lightning's strict load fails mid-way)
+        check_weights_fit(resumed[1]["state_dict"], module.state_dict(), ckpt_path)
     named = {k: instantiate_checked(c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None}
     check_monitors(named, module)
     callbacks = list(named.values())
     callbacks.append(MetricsHistory())  # results.json is made from it
+    if resumed:
+        callbacks.append(RestoredStateCheck(ckpt_path))
     if extended:
         callbacks.append(RebuildSchedule(extended))
     loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
-    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO(resumed)]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
@@ -220,7 +228,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
 
     try:
         try:
-            # resumed from a file read as data only (check_resume_config has read it with read_checkpoint)
+            # resumed from the file read and validated above (AtomicCheckpointIO hands Lightning that content)
             with warnings.catch_warnings():
                 # the EMA copy of the model is meant to stay in eval mode while the raw model trains
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
