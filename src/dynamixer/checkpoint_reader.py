@@ -16,11 +16,11 @@ weights against a model before they are loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import zipfile
-from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -170,6 +170,7 @@ class DataPosition(_Strict):
     batches: Count
     batch_size: Positive
     world_size: Positive
+    num_workers: Count | None = None  # data=wds: its shards are dealt to ranks x workers streams
 
 
 class CheckpointCallbackState(_Strict):
@@ -233,45 +234,16 @@ _DATA_POSITION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*DataModule")
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)\S{0,64}")
 
 
-@cache
-def _scheduler_keys() -> frozenset[str]:
-    """The attributes a timm scheduler's `state_dict` holds (its `load_state_dict` sets them all)."""
-    from timm.scheduler import CosineLRScheduler
-
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    return frozenset(CosineLRScheduler(optimizer, t_initial=2).state_dict())
-
-
-def _schedule(state: Any) -> dict[str, Any]:
-    if not isinstance(state, dict):
-        raise ValueError("a map of the scheduler's settings is expected")
-    unknown = sorted(set(state) - _scheduler_keys())
-    if unknown:
-        raise ValueError(f"{unknown[0]!r} is no setting of the lr scheduler")
-    if any(isinstance(v, (dict, torch.Tensor)) for v in state.values()):
-        raise ValueError("the scheduler's settings are numbers, strings and lists")
-    return state
-
-
 def _loops(state: Any, template: Any, where: str) -> Any:
     """`state` checked against the loops' state of a fresh trainer of this Lightning (`template`): the same keys
-    (extra ones dropped), counts >= 0, flags, and each progress record ordered (ready >= started >=
-    processed >= completed, current <= total)."""
+    (extra ones dropped), counts where it has counts (0 or more), flags where it has flags."""
     if isinstance(template, dict):
         if not isinstance(state, dict):
             raise ValueError(f"{where} is a {type(state).__name__}, not a map")
         missing = [k for k in template if k not in state]
         if missing:
             raise ValueError(f"{where} has no {missing[0]!r}")
-        checked = {k: _loops(state[k], v, f"{where}.{k}") for k, v in template.items()}
-        order = [checked[k] for k in ("ready", "started", "processed", "completed") if k in checked]
-        if order != sorted(order, reverse=True):
-            raise ValueError(f"{where} counts more completed than started steps ({checked})")
-        if isinstance(checked.get("current"), dict) and isinstance(checked.get("total"), dict):
-            over = [k for k, v in checked["current"].items() if v > checked["total"].get(k, v)]
-            if over:
-                raise ValueError(f"{where}.current.{over[0]} is more than its total")
-        return checked
+        return {k: _loops(state[k], v, f"{where}.{k}") for k, v in template.items()}
     if isinstance(template, bool):
         if not isinstance(state, bool):
             raise ValueError(f"{where}={state!r} is not true or false")
@@ -355,11 +327,9 @@ def validate(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
                 s.model_dump()
                 for s in _validated(list[OptimizerState], raw.get("optimizer_states", []), "optimizer_states")
             ],
-            "lr_schedulers": _validated(
-                Annotated[list[Annotated[Any, PlainValidator(_schedule)]], Field(max_length=64)],
-                raw.get("lr_schedulers", []),
-                "lr_schedulers",
-            ),
+            # not restored: a timm schedule is a function of its settings (the run config, compared at a resume)
+            # and the step, and its load_state_dict would set any attribute the file names
+            "lr_schedulers": [],
             "rng_states_per_rank": [
                 s.model_dump(exclude={"cuda"} if s.cuda is None else set())
                 for s in _validated(
@@ -374,7 +344,7 @@ def validate(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
             checked["hparams_name"] = raw["hparams_name"][:256]
         for key, value in raw.items():
             if isinstance(key, str) and _DATA_POSITION.fullmatch(key):
-                checked[key] = _validated(DataPosition, value, key).model_dump() if value else {}
+                checked[key] = _validated(DataPosition, value, key).model_dump(exclude_none=True) if value else {}
         if "MixedPrecision" in raw:
             checked["MixedPrecision"] = _validated(ScalerState, raw["MixedPrecision"], "MixedPrecision").model_dump()
     except ValueError as err:
@@ -418,20 +388,51 @@ def check_weights_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 class RestoredStateCheck(Callback):
-    """As a resumed run starts training: the optimizer state Lightning restored from `source` fits the parameters
-    it is for (torch's optimizers take any shape, and the first step would fail on it)."""
+    """Before Lightning restores the optimizer state of `checkpoint` (read from `source`): it is the state of
+    this run's optimizers, which its validated config built (`on_fit_start` comes after they are built and
+    before their state is loaded): the same groups and parameters, each state tensor of its parameter's shape,
+    the same settings but the lr, which the schedule sets at every step (finite and >= 0)."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self, source: str, checkpoint: dict[str, Any]) -> None:
+        self.source, self.checkpoint = source, checkpoint
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for i, optimizer in enumerate(trainer.optimizers):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            for index, param in enumerate(params):  # the indexes of the saved state: the groups' order
-                for key, value in optimizer.state.get(param, {}).items():
-                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
-                        raise _refuse(
-                            self.source,
-                            f"optimizer_states[{i}].state[{index}].{key} has the shape {tuple(value.shape)}, its "
-                            f"parameter {tuple(param.shape)}",
-                        )
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self.checkpoint = self.checkpoint["optimizer_states"], None
+        if len(saved) != len(trainer.optimizers):
+            raise _refuse(self.source, f"it has {len(saved)} optimizer states, this run {len(trainer.optimizers)}")
+        for i, (state, optimizer) in enumerate(zip(saved, trainer.optimizers)):
+            self._check(f"optimizer_states[{i}]", state, optimizer)
+
+    def _check(self, where: str, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        live = optimizer.state_dict()["param_groups"]
+        if len(state["param_groups"]) != len(live):
+            raise _refuse(
+                self.source, f"{where} has {len(state['param_groups'])} parameter groups, this run {len(live)}"
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for g, (group, ours) in enumerate(zip(state["param_groups"], live)):
+            for key in sorted(group.keys() | ours.keys()):
+                old, new = group.get(key), ours.get(key)
+                if key == "lr":
+                    ok = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 <= old < float("inf")
+                else:  # typed: an int is not a float, a tuple of betas is compared as a list
+                    ok = typed_text(old) == typed_text(new)
+                if not ok:
+                    raise _refuse(
+                        self.source, f"{where}.param_groups[{g}].{key}={old!r}, where this run's optimizer has {new!r}"
+                    )
+        for index, values in state["state"].items():
+            if index >= len(params):
+                raise _refuse(self.source, f"{where}.state[{index}] is of no parameter ({len(params)} in all)")
+            for key, value in values.items():
+                shape = tuple(params[index].shape) if isinstance(value, torch.Tensor) and value.ndim else ()
+                if isinstance(value, torch.Tensor) and tuple(value.shape) not in (shape, ()):
+                    raise _refuse(
+                        self.source,
+                        f"{where}.state[{index}].{key} has the shape {tuple(value.shape)}, its parameter {shape}",
+                    )
+
+
+def typed_text(value: Any) -> str:
+    """`value` as a text where 1 and 1.0 differ, and a tuple equals a list."""
+    return json.dumps(value, sort_keys=True, default=repr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
-from dynamixer.checkpoint_reader import check_weights_fit, read_checkpoint
+from dynamixer.checkpoint_reader import check_weights_fit, read_checkpoint, typed_text
 from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.models.weights import training_weights
 from dynamixer.run.stored_config import StoredRun, read_stored_run
@@ -104,10 +103,6 @@ def _trained(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if not k.startswith(NOT_TRAINED)}
 
 
-def _typed(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=repr)
-
-
 def check_resume_config(ckpt_path: str, checkpoint: dict[str, Any], cfg: DictConfig) -> dict[str, Any] | None:
     """A resume trains what was trained before: refuse, naming each key with its old and new value, a
     command that changes it. With `extend=true` a new `trainer.max_epochs`/`max_steps` is accepted (the
@@ -116,7 +111,7 @@ def check_resume_config(ckpt_path: str, checkpoint: dict[str, Any], cfg: DictCon
     now = _trained(OmegaConf.to_container(cfg, resolve=True))
     # typed: Lightning reads limit_train_batches=1 as one batch and 1.0 as the whole epoch
     keys = sorted(stored.keys() | now.keys())
-    differ = {k: [stored.get(k), now.get(k)] for k in keys if _typed(stored.get(k)) != _typed(now.get(k))}
+    differ = {k: [stored.get(k), now.get(k)] for k in keys if typed_text(stored.get(k)) != typed_text(now.get(k))}
     extended = {k: v for k, v in differ.items() if k in EXTENDABLE} if cfg.get("extend") else {}
     refused = {k: v for k, v in differ.items() if k not in extended}
     if refused:

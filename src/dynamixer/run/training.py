@@ -208,7 +208,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     callbacks = list(named.values())
     callbacks.append(MetricsHistory())  # results.json is made from it
     if resumed:
-        callbacks.append(RestoredStateCheck(ckpt_path))
+        callbacks.append(RestoredStateCheck(*resumed))
     if extended:
         callbacks.append(RebuildSchedule(extended))
     loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
