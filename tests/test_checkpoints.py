@@ -126,7 +126,7 @@ def craft_config(trained, tmp_path: Path, changes: dict) -> Path:
 def commands(evil: Path, trained) -> list[tuple[str, list[str]]]:
     out = evil.parent / "exported"
     return [
-        ("test.py", [f"ckpt_path={evil}", "hardware=cpu"]),
+        ("test.py", [f"ckpt_path={evil}", "hardware=cpu", f"data.data_dir={trained[1]}"]),
         ("predict.py", [f"ckpt_path={evil}", f"inputs={trained[1] / 'val'}"]),
         ("export.py", [f"ckpt_path={evil}", f"out_dir={out}", "onnx=false"]),
     ]
@@ -188,3 +188,30 @@ def test_test_py_refuses_data_whose_classes_are_not_the_checkpoints(trained, tmp
     renamed = write_image_tree(tmp_path / "renamed", ["a", "b", "c"])
     message = user_error("test.py", [f"ckpt_path={trained[0]}", f"data.data_dir={renamed}", "hardware=cpu"], tmp_path)
     assert "label 0: 'n01440764' vs 'a'" in message and "data.data_dir" in message
+
+
+def test_where_data_is_read_and_files_are_written_never_comes_from_a_checkpoint(
+    trained, tmp_path: Path, entry
+) -> None:
+    """A stored data_dir with other classes, an index file and a corrupt-file log outside: test.py reads the
+    command's data, writes only into its own run folder, and leaves the training run's folder as it was."""
+    outside = tmp_path / "outside"
+    write_image_tree(outside / "ds", classes=("a", "b", "c"))
+    evil = craft_config(
+        trained,
+        tmp_path,
+        {
+            "data.data_dir": str(outside / "ds"),
+            "data.index_file": str(outside / ".planted" / "index.json.gz"),
+            "data.corrupt_log": str(outside / "log.txt"),
+            "data.skip_corrupt": True,
+        },
+    )
+    training_run = trained[0].parent.parent
+    before, run_before = files_state(outside), files_state(training_run)
+    code, _, err = entry("test.py", [f"ckpt_path={evil}", "hardware=cpu", f"data.data_dir={trained[1]}"], tmp_path)
+    assert code == 0, err
+    assert files_state(outside) == before and not (outside / ".planted").exists()
+    assert files_state(training_run) == run_before
+    (own,) = (tmp_path / "logs" / "test" / "runs").iterdir()
+    assert (own / "data_index.json.gz").is_file() and (own / "eval.json").is_file()

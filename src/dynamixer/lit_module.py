@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from dynamixer.errors import DivergenceError
 from dynamixer.lightning_internals import is_compiled
 from dynamixer.models import DynaMixerOp
+from dynamixer.schema import Speed
 from dynamixer.utils.provenance import provenance
 from dynamixer.utils.rng import rng_states, set_rng_states
 
@@ -58,7 +59,7 @@ class ImageClassifier(L.LightningModule):
         ema_warmup: bool = False,
         run_config: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: Speed[bool] = False,
         backbone_lr_scale: float = 1.0,
         layer_decay: float | None = None,
     ):

@@ -16,6 +16,7 @@ from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError, SharedDataError
 from dynamixer.lightning_internals import batches_done
+from dynamixer.schema import Speed
 
 # ImageNet's loader and the paper's augmentation (conf/data/imagenet_recipe.yaml states all of it), for the
 # data modules of each ImageNet source: decoding needs workers, RandAugment and random erasing
@@ -102,9 +103,9 @@ class ClassificationDataModule(LightningDataModule, ABC):
     def __init__(
         self,
         batch_size: int = 128,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        num_workers: Speed[int] = 4,
+        pin_memory: Speed[bool] = True,
+        persistent_workers: Speed[bool] = True,
         img_size: int = 224,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",

@@ -12,6 +12,7 @@ from PIL import Image
 from dynamixer.data.base import ClassificationDataModule, InMemoryImages
 from dynamixer.data.transforms import padded_crop_transform
 from dynamixer.errors import ConfigError, DataError
+from dynamixer.schema import Location
 
 # folder, training files, test file, meta file, label key, label-names key
 LAYOUTS = {
@@ -65,7 +66,7 @@ class CIFARDataModule(ClassificationDataModule):
 
     defaults = {"batch_size": 128, "num_workers": 8, "crop_pct": 1.0}
 
-    def __init__(self, data_dir: str, **kwargs: Any) -> None:
+    def __init__(self, data_dir: Location[str], **kwargs: Any) -> None:
         if kwargs.get("train_aug"):
             raise ConfigError(
                 f"data.train_aug={dict(kwargs['train_aug'])} does not apply to data=cifar: its training transform is "

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule, rank_zero_first
 from dynamixer.data.images import load_rgb
 from dynamixer.errors import DataError
+from dynamixer.schema import Location
 
 # where the splits' parquet files are, relative to data_dir: the Hub's data/train-00000-of-00294.parquet,
 # a folder a split, or one file a split
@@ -72,12 +73,12 @@ class HFDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: Location[str],
         image_key: str = "image",
         label_key: str = "label",
         train_split: str = "train",
         val_split: str = "validation",
-        cache_dir: str | None = None,
+        cache_dir: Location[str | None] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})

@@ -25,6 +25,7 @@ from dynamixer.data.file_index import FileIndex, describe_differences, images_un
 from dynamixer.data.images import load_rgb
 from dynamixer.data.val_labels import SEARCHED, find_label_file, read_val_labels
 from dynamixer.errors import DataError
+from dynamixer.schema import Location, Speed
 
 SPLITS = ("train", "val")
 _VERIFY_CHUNK = 256  # files per verify task, so ImageNet's 1.3M files do not become 1.3M pending futures
@@ -168,12 +169,12 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: Location[str],
         skip_corrupt: bool = False,
-        verify: bool = False,
-        corrupt_log: str | None = None,
-        index_file: str | None = None,
-        val_labels: str | None = None,
+        verify: Speed[bool] = False,
+        corrupt_log: Location[str | None] = None,
+        index_file: Location[str | None] = None,
+        val_labels: Location[str | None] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**{**self.defaults, **kwargs})

@@ -49,6 +49,7 @@ from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
 from dynamixer.errors import ConfigError, DataError
 from dynamixer.lightning_internals import epoch_being_trained
+from dynamixer.schema import Location
 
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # what the converter writes: the folder source's
 MAX_MEMBER_BYTES = 64 << 20  # a file of a sample, read whole into memory: an ImageNet JPEG is ~110 kB
@@ -276,7 +277,7 @@ class WebDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: Location[str],
         train_shards: str | None = None,
         val_shards: str | None = None,
         shuffle_buffer: int = 1000,

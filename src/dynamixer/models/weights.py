@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from dynamixer.errors import CheckpointError, MissingPathError
+from dynamixer.schema import Init, Speed
 
 from .dynamixer import DynaMixer, checkpoint_filter_fn
 
@@ -112,11 +113,16 @@ def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str
 
 
 def create_model(
-    model_name: str, pretrained_file: str | None = None, pretrained_weights: str = "ema", **kwargs: Any
+    model_name: str,
+    pretrained_file: Init[str | None] = None,
+    pretrained_weights: Init[str] = "ema",
+    grad_checkpointing: Speed[bool] = False,
+    fused_mix: Speed[bool] = False,
+    **kwargs: Any,
 ) -> nn.Module:
-    """`timm.create_model(model_name, **kwargs)`, initialised from `pretrained_file` when given (see
-    `load_pretrained_file`); what the model configs build."""
-    model = timm.create_model(model_name, **kwargs)
+    """`timm.create_model(model_name, **kwargs)` of a DynaMixer variant, initialised from `pretrained_file` when
+    given (see `load_pretrained_file`); what the model configs build."""
+    model = timm.create_model(model_name, grad_checkpointing=grad_checkpointing, fused_mix=fused_mix, **kwargs)
     if pretrained_file is not None:
         load_pretrained_file(model, pretrained_file, pretrained_weights)
     return model

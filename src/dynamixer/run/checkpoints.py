@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
@@ -15,6 +16,7 @@ from dynamixer.checkpoint_reader import check_weights_fit, read_checkpoint, type
 from dynamixer.errors import CheckpointError, MissingPathError
 from dynamixer.models.weights import training_weights
 from dynamixer.run.stored_config import StoredRun, read_stored_run
+from dynamixer.schema import Role, role_of
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     return str(ckpt_path), read_checkpoint(ckpt_path)
 
 
-# what a resume must train as before: these sections and keys (every key under a section, but the ones below)
+# what a resume must train as before: these sections (each key of theirs whose role is trained, see
+# `dynamixer.schema`) and the trainer settings that decide the steps (Lightning's, which declare no roles)
 TRAINED = ("data", "model", "module", "optimizer", "scheduler", "seed")
 TRAINED_TRAINER_KEYS = (
     "max_epochs",
@@ -71,21 +74,6 @@ TRAINED_TRAINER_KEYS = (
     "gradient_clip_val",
     "gradient_clip_algorithm",
 )
-# where the data is read from and how fast, how weights were first initialised, how the step is computed
-NOT_TRAINED = (
-    "data.data_dir",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.verify",
-    "data.corrupt_log",
-    "data.index_file",
-    "model.pretrained_file",
-    "model.pretrained_weights",
-    "model.grad_checkpointing",
-    "model.fused_mix",
-    "module.compile",
-)
 EXTENDABLE = ("trainer.max_epochs", "trainer.max_steps")
 
 
@@ -95,20 +83,32 @@ def _flat(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
-def _trained(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened keys of a run config that define what is trained."""
-    keys = {k: v for section in TRAINED for k, v in _flat(config.get(section), section).items()}
+def _trained(config: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of a run config that define what is trained; `targets`: each section's class (of
+    this command's config: a name in a file is never imported), whose parameters declare their roles."""
+    keys = {}
+    for section in TRAINED:
+        for key, value in _flat(config.get(section), section).items():
+            name = key.split(".")[1] if "." in key else ""
+            if section not in targets or role_of(targets[section], name) is Role.TRAINED:
+                keys[key] = value
     trainer = config.get("trainer") or {}
     keys.update({f"trainer.{k}": trainer.get(k) for k in TRAINED_TRAINER_KEYS})
-    return {k: v for k, v in keys.items() if not k.startswith(NOT_TRAINED)}
+    return keys
 
 
 def check_resume_config(ckpt_path: str, checkpoint: dict[str, Any], cfg: DictConfig) -> dict[str, Any] | None:
     """A resume trains what was trained before: refuse, naming each key with its old and new value, a
     command that changes it. With `extend=true` a new `trainer.max_epochs`/`max_steps` is accepted (the
     schedule is then rebuilt for it): returns `{key: [old, new]}` of those, or None."""
-    stored = _trained(read_stored_run(checkpoint, ckpt_path).run_config)
-    now = _trained(OmegaConf.to_container(cfg, resolve=True))
+    now_config = OmegaConf.to_container(cfg, resolve=True)
+    targets = {
+        section: get_object(node["_target_"])
+        for section in TRAINED
+        if isinstance(node := now_config.get(section), dict) and isinstance(node.get("_target_"), str)
+    }
+    stored = _trained(read_stored_run(checkpoint, ckpt_path).run_config, targets)
+    now = _trained(now_config, targets)
     # typed: Lightning reads limit_train_batches=1 as one batch and 1.0 as the whole epoch
     keys = sorted(stored.keys() | now.keys())
     differ = {k: [stored.get(k), now.get(k)] for k in keys if typed_text(stored.get(k)) != typed_text(now.get(k))}

@@ -16,6 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from dynamixer.data import build_transform, load_rgb
 from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from dynamixer.lit_module import ImageClassifier
+from dynamixer.run.build import instantiate_checked
 from dynamixer.run.checkpoints import load_model
 from dynamixer.run.stored_config import StoredRun
 from dynamixer.utils.launch import command_overrides
@@ -28,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate the checkpoint `cfg.ckpt_path` on the val split with `cfg.weights` (raw or ema);
     print top-1/top-5 and write them to `<run folder>/eval.json`."""
     model, stored = load_model(cfg.ckpt_path, cfg.weights)
-    datamodule = instantiate(eval_data_config(stored, cfg, command_overrides()))
+    datamodule = instantiate_checked(eval_data_config(stored, cfg, command_overrides()))
     check_class_names(stored.data_info["class_names"], datamodule.class_names, cfg)
     module = ImageClassifier(model=model, num_classes=stored.num_classes, optimizer=None)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
@@ -50,8 +51,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def eval_data_config(stored: StoredRun, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The checkpoint's data section with this command's `data.<key>=...` overrides on top (keys of that
-    data option only)."""
-    data = dict(stored.data)
+    data option only). The command's own keys (where data is read and files written, how fast) were never
+    taken from the file: the option's values are resolved with this command's `paths` (its run folder)."""
+    paths = {"paths": OmegaConf.to_container(cfg.paths, resolve=True)}
+    data = {
+        k: OmegaConf.create({**paths, "v": v}).v if isinstance(v, str) and "${" in v else v
+        for k, v in stored.data.items()
+    }
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         if key == "data" or not key.startswith("data."):

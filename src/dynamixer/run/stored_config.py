@@ -4,9 +4,11 @@ A checkpoint's `run_config` is whatever its author wrote. Nothing of it is inter
 instantiated by the name it gives: each section that test/predict/export rebuild (`model`, `data`) is
 matched to one of our own options in `conf/<section>/` by the `_target_` (and `model_name`) it names;
 the class built is that option's, and only plain values (numbers, strings, booleans, lists and maps of
-them) of the keys that option or its class takes are read from the file, each of the kind the option
-has. Keys that load weights (`pretrained_file`; timm's `pretrained`, URLs and Hub ids are no keys of
-ours) are never taken from a file. A new option in `conf/` is readable from its first checkpoint on.
+them) of the trained keys that option or its class takes are read from the file, each of the kind the option
+has. The keys of the command (`dynamixer.schema`: where data is read and files are written, how fast, where
+weights were first loaded from) are never taken from a file: they keep the option's own values, which the
+command resolves (timm's `pretrained`, URLs and Hub ids are no keys of ours). A new option in `conf/` is
+readable from its first checkpoint on.
 """
 
 from __future__ import annotations
@@ -21,14 +23,9 @@ import yaml
 from hydra.utils import get_object
 
 from dynamixer.errors import CheckpointError
+from dynamixer.schema import Role, role_of
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-# what a checkpoint may never set: the model's weights come from the checkpoint itself, nothing is written
-# where a file says, and the PyTorch ops compute it (the fused kernel needs Triton and a GPU: the command's choice)
-FIXED = {
-    "model": {"pretrained_file": None, "pretrained_weights": "ema", "fused_mix": False},
-    "data": {"corrupt_log": None},
-}
 # constructor arguments that are not run settings
 NOT_SETTINGS = {"self", "device", "dtype", "num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box", "random")
@@ -140,15 +137,16 @@ def rebuild_section(run_config: dict[str, Any], section: str, source: str) -> di
         names = ", ".join(f"{k}={v!r}" for k, v in identity.items()) or "no _target_"
         raise _refuse(source, f"its {section} names {names}, which no option in conf/{section}/ builds ({offered})")
     name, option = matches[0]
-    fixed = FIXED.get(section, {})
+    target = get_object(option["_target_"])  # ours, from conf/: never a name the file gives
     allowed = (set(option) | _settings_of(option["_target_"])) - {"_target_", "_partial_"}
-    unknown = sorted(set(stored) - allowed - {"_target_"} - set(fixed))
+    unknown = sorted(set(stored) - allowed - {"_target_"})
     if unknown:
         raise _refuse(source, f"{section}.{unknown[0]} is no setting of conf/{section}/{name}.yaml")
     values: dict[str, Any] = {"_target_": option["_target_"]}
     for key in sorted(allowed):
-        if key in fixed:
-            values[key] = fixed[key]
+        if role_of(target, key) is not Role.TRAINED:  # the command's: the option's own value, if it has one
+            if key in option:
+                values[key] = option[key]
         elif key in stored:
             value = plain(stored[key], f"{section}.{key}", source)
             if not _same_kind(value, option.get(key)):
