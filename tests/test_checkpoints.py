@@ -190,9 +190,7 @@ def test_test_py_refuses_data_whose_classes_are_not_the_checkpoints(trained, tmp
     assert "label 0: 'n01440764' vs 'a'" in message and "data.data_dir" in message
 
 
-def test_where_data_is_read_and_files_are_written_never_comes_from_a_checkpoint(
-    trained, tmp_path: Path, entry
-) -> None:
+def test_where_data_is_read_and_files_are_written_never_comes_from_a_checkpoint(trained, tmp_path: Path, entry) -> None:
     """A stored data_dir with other classes, an index file and a corrupt-file log outside: test.py reads the
     command's data, writes only into its own run folder, and leaves the training run's folder as it was."""
     outside = tmp_path / "outside"

@@ -12,7 +12,7 @@ import torch
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.models import create_model
 from dynamixer.run import load_model, train
-from helpers import QUIET_FAST, compose_job_config, compose_train_config
+from helpers import QUIET_FAST, compose_job_config, compose_train_config, files_state
 
 IMG = compose_train_config().model.img_size  # the default run's image size
 
@@ -66,3 +66,22 @@ def test_the_onnx_file_gives_the_checkpoints_logits_for_any_batch_size(exported)
         (logits,) = session.run(None, {"images": images.numpy()})
         with torch.no_grad():
             assert abs(torch.from_numpy(logits) - ours(images)).max() < 1e-4
+
+
+def test_an_export_never_replaces_another_nor_writes_through_a_link(exported, tmp_path: Path, user_error) -> None:
+    ckpt, folder = exported
+    before = files_state(folder)
+    message = user_error("export.py", [f"ckpt_path={ckpt}", f"out_dir={folder}", "onnx=false"], tmp_path)
+    assert "never replaces another" in message
+    assert files_state(folder) == before
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("someone's file")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "config.json").symlink_to(outside)
+    user_error("export.py", [f"ckpt_path={ckpt}", f"out_dir={linked}", "onnx=false"], tmp_path)
+    (tmp_path / "to_empty").symlink_to(tmp_path / "empty", target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    user_error("export.py", [f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'to_empty'}", "onnx=false"], tmp_path)
+    assert outside.read_text() == "someone's file" and not any((tmp_path / "empty").iterdir())

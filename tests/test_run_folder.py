@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import torch
 
 from dynamixer.run.run_folder import RunFolderError, claim_run_folder
 from dynamixer.schedules import cosine_with_warmup
-from helpers import QUIET_TRAIN, compose_train_config, files_state, run_dir
+from helpers import QUIET_FAST, QUIET_TRAIN, compose_train_config, files_state, run_dir
 
 STEPS_PER_EPOCH = 4
 RUN = [
@@ -102,3 +105,53 @@ def test_extend_trains_longer_on_the_schedule_rebuilt_for_the_new_length(two_epo
     results = json.loads((two_epochs / "results.json").read_text())
     assert results["global_step"] == 4 * STEPS_PER_EPOCH
     assert results["schedule_extended"] == {"at_step": resumed, "changed": {"trainer.max_epochs": [2, 4]}}
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_run_folder_holding_links_is_refused_and_nothing_is_written_through_them(
+    link: str, digits_run: Path, tmp_path: Path, user_error
+) -> None:
+    """A run folder received from someone else whose logs are links to files outside (or other names of them):
+    the resume names the links, and the files they point to are as they were."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = run_dir(tmp_path, "r")
+    shutil.copytree(digits_run, folder)
+    for inside in ("csv/hparams.yaml", "csv/metrics.csv", "train.log"):
+        target = outside / Path(inside).name
+        target.write_text(f"someone's {target.name}\n")
+        (folder / inside).unlink(missing_ok=True)
+        (folder / inside).symlink_to(target) if link == "symbolic" else os.link(target, folder / inside)
+    if link == "symbolic":  # a link to a file that does not exist yet is not created through either
+        (folder / ".hydra" / "config.yaml").unlink()
+        (folder / ".hydra" / "config.yaml").symlink_to(outside / "planted.yaml")
+    before = files_state(outside)
+    message = user_error("train.py", [*QUIET_FAST, "run_name=r", "ckpt_path=auto"], tmp_path)
+    assert "holds links" in message and "csv/metrics.csv" in message and "train.log" in message
+    assert files_state(outside) == before
+
+
+def test_a_checkpoint_of_another_run_is_refused_in_a_folder_that_holds_a_run(
+    digits_run: Path, tmp_path: Path, user_error, entry
+) -> None:
+    """`ckpt_path=<run a's last.ckpt>` with the folder of run b: refused naming both, b as it was; b's own
+    checkpoint resumes there."""
+    a, b = run_dir(tmp_path, "a"), run_dir(tmp_path, "b")
+    shutil.copytree(digits_run, a)
+    shutil.copytree(digits_run, b)
+    other = uuid.uuid4().hex  # b: another run, its id in its claim and in its checkpoints
+    claim = json.loads((b / ".dynamixer-run").read_text())
+    (b / ".dynamixer-run").write_text(json.dumps({**claim, "run_id": other}))
+    for path in (b / "checkpoints").glob("*.ckpt"):
+        torch.save({**torch.load(path, weights_only=True), "run_id": other}, path)
+    before = files_state(b)
+    message = user_error(
+        "train.py", [*QUIET_FAST, "run_name=b", f"ckpt_path={a / 'checkpoints' / 'last.ckpt'}"], tmp_path
+    )
+    assert str(b) in message and other in message and "another run" in message
+    assert files_state(b) == before
+    code, _, err = entry(
+        "train.py", [*QUIET_FAST, "run_name=b", "ckpt_path=auto", "extend=true", "trainer.max_epochs=3"], tmp_path
+    )
+    assert code == 0, err[-3000:]
+    assert torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["run_id"] == other

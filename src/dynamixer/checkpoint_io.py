@@ -144,14 +144,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO for our checkpoints. A save is complete or not there (`atomic_torch_save`), the
-    previous checkpoint of the same name staying until the new one is complete. A load goes through our one
-    reader (`dynamixer.checkpoint_reader`), and `resumed=(path, checkpoint)`, already read by it, is not read
-    again. A removal removes only a file of a folder this IO has saved into, never a folder or a URL (the
-    paths to remove come from the callbacks' state, which came from a file)."""
+    previous checkpoint of the same name staying until the new one is complete, and carries `run_id`, the run
+    it belongs to (`dynamixer.run.run_folder`). A load goes through our one reader
+    (`dynamixer.checkpoint_reader`); `resumed=(path, checkpoint)`, already read by it, is not read again. A
+    removal removes only a file of a folder this IO has saved into, never a folder or a URL (the paths to
+    remove come from the callbacks' state, which came from a file)."""
 
-    def __init__(self, resumed: tuple[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, run_id: str | None = None, resumed: tuple[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
-        self._resumed = resumed
+        self.run_id, self._resumed = run_id, resumed
         self._folders: set[Path] = set()
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
@@ -166,6 +167,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         self._folders.add(Path(path).parent.resolve())
+        if self.run_id is not None:
+            checkpoint = {**checkpoint, "run_id": self.run_id}
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as err:

@@ -102,6 +102,7 @@ Positive = Annotated[StrictInt, Field(ge=1, le=2**31)]
 Number = StrictInt | StrictFloat
 Text = Annotated[StrictStr, Field(max_length=4096)]
 Name = Annotated[StrictStr, Field(max_length=1024)]
+RunId = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 def _tensor(dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None, scalar: bool = False) -> Any:
@@ -340,6 +341,8 @@ def validate(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
             ],
             "callbacks": _callbacks(raw.get("callbacks", {}), folder),
         }
+        if raw.get("run_id") is not None:  # the run that saved it (dynamixer.run.run_folder)
+            checked["run_id"] = _validated(RunId, raw["run_id"], "run_id")
         if isinstance(raw.get("hparams_name"), str):
             checked["hparams_name"] = raw["hparams_name"][:256]
         for key, value in raw.items():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from timm.models import save_for_hf
 
+from dynamixer.errors import ConfigError
 from dynamixer.run.checkpoints import load_model
 
 log = logging.getLogger(__name__)
@@ -22,12 +26,33 @@ def export(cfg: DictConfig) -> Path:
     """Write `cfg.out_dir/model.safetensors` and `config.json` (architecture, class count and names, model
     arguments, the data config: input size, mean, std, crop_pct, interpolation) with timm's own writer;
     `timm.create_model("local-dir:<out_dir>", pretrained=True)` rebuilds the model from them. With `cfg.onnx`,
-    also `model.onnx`, checked against PyTorch with onnxruntime."""
+    also `model.onnx`, checked against PyTorch with onnxruntime. `out_dir` is new: an export never replaces
+    another (nor writes through a link): it is written into a fresh folder beside it and renamed into place."""
+    out_dir = Path(cfg.out_dir).expanduser().absolute()
+    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+        raise ConfigError(
+            f"out_dir={out_dir} exists and is not an empty folder: an export never replaces another. Give a new "
+            "out_dir, or remove that one first"
+        )
     model, stored = load_model(cfg.ckpt_path, cfg.weights)
-    info = stored.data_info
     model_args: dict[str, Any] = {k: stored.model[k] for k in ARCHITECTURE_ARGS if stored.model.get(k) is not None}
     model_args["num_classes"] = stored.num_classes
-    out_dir = Path(cfg.out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # new, ours alone
+    fresh.chmod(out_dir.parent.stat().st_mode & 0o777)  # as readable as the folder it goes into
+    try:
+        _write(model, stored, model_args, fresh, cfg.onnx)
+        os.rename(fresh, out_dir)  # onto an empty folder or none; fails if one appeared meanwhile
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    written = [out_dir / "model.safetensors", out_dir / "config.json"] + ([out_dir / "model.onnx"] if cfg.onnx else [])
+    log.info("exported the %s weights of %s to %s", cfg.weights, cfg.ckpt_path, out_dir)
+    print("written: " + ", ".join(map(str, written)))
+    return out_dir
+
+
+def _write(model: torch.nn.Module, stored: Any, model_args: dict[str, Any], out_dir: Path, onnx: bool) -> None:
+    info = stored.data_info
     save_for_hf(
         model,
         str(out_dir),
@@ -42,14 +67,9 @@ def export(cfg: DictConfig) -> Path:
             "std": tuple(info["std"]),
         },
     )
-    written = [out_dir / "model.safetensors", out_dir / "config.json"]
-    if cfg.onnx:
+    if onnx:
         difference = export_onnx(model, out_dir / "model.onnx")
-        written.append(out_dir / "model.onnx")
         log.info("model.onnx checked with onnxruntime: max abs difference %.2e from PyTorch", difference)
-    log.info("exported the %s weights of %s to %s", cfg.weights, cfg.ckpt_path, out_dir)
-    print("written: " + ", ".join(map(str, written)))
-    return out_dir
 
 
 def export_onnx(model: torch.nn.Module, path: Path, tolerance: float = 1e-4) -> float:

@@ -196,8 +196,9 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     extended = check_resume_config(*resumed, cfg) if resumed else None
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)  # before the run config is stored anywhere
     provenance()  # read now (and kept): the code this start runs, whatever changes in the checkout later
+    run_id = None  # the ranks rank 0 starts save nothing
     if is_first_process():
-        claim_run_folder(cfg, resuming=ckpt_path is not None or cfg.get("ckpt_path") == "auto")
+        run_id = claim_run_folder(cfg, ckpt_path is not None or cfg.get("ckpt_path") == "auto", resumed)
         record_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
@@ -213,7 +214,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         callbacks.append(RebuildSchedule(extended))
     loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
-    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO(resumed)]
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO(run_id, resumed)]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
