@@ -190,10 +190,10 @@ def _i16b_12bit_tiff(tmp, photo):
     return _save(img, tmp / "twelve.tif"), _rgb(_grey(photo)), 0, "I;16B"
 
 
-def _i16l_14bit_im(tmp, photo):
+def _i16_14bit_tiff(tmp, photo):
     values = np.floor(_grey(photo) * (16383 / 255) + 0.5).astype(np.uint16)
     img = Image.frombytes("I;16L", values.shape[::-1], values.astype("<u2").tobytes())
-    return _save(img, tmp / "fourteen.im"), _rgb(_grey(photo)), 0, "I;16L"
+    return _save(img, tmp / "fourteen.tif"), _rgb(_grey(photo)), 0, "I;16"
 
 
 def _i_8bit(tmp, photo):
@@ -237,18 +237,6 @@ def _cmyk_jpeg(tmp, photo):
     return path, _cmyk_expected(np.asarray(Image.open(path))), 1, "CMYK"  # as decoded (JPEG is lossy)
 
 
-def _ycbcr(y: np.ndarray) -> np.ndarray:
-    """JPEG's (BT.601 full-range) YCbCr -> RGB."""
-    lum, cb, cr = (y[..., i].astype(np.float64) for i in range(3))
-    cb, cr = cb - 128, cr - 128
-    return _round(np.dstack([lum + 1.402 * cr, lum - 0.344136 * cb - 0.714136 * cr, lum + 1.772 * cb]))
-
-
-def _ycbcr_im(tmp, photo):
-    img = Image.fromarray(photo).convert("YCbCr")
-    return _save(img, tmp / "ycc.im"), _ycbcr(np.asarray(img)), 1, "YCbCr"
-
-
 def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     """Pillow's 8-bit CIELAB (D50; a and b as signed bytes) -> sRGB, through XYZ and Bradford adaptation."""
     signed = lab.view(np.int8).astype(np.float64)
@@ -288,14 +276,13 @@ CASES: dict[str, Callable] = {
     "I;16 sBIT raw": _i16_sbit_raw,
     "I;16 sBIT left-aligned": _i16_sbit_scaled,
     "I;16B 12-bit": _i16b_12bit_tiff,
-    "I;16L 14-bit": _i16l_14bit_im,
+    "I;16 14-bit": _i16_14bit_tiff,
     "I 0..255": _i_8bit,
     "F 0..1": _f_unit,
     "F 0..255": _f_255,
     "F arbitrary": _f_arbitrary,
     "CMYK TIFF": _cmyk_tiff,
     "CMYK JPEG": _cmyk_jpeg,
-    "YCbCr": _ycbcr_im,
     "LAB": _lab_tiff,
 }
 
@@ -311,7 +298,7 @@ def test_every_mode_decodes_to_the_expected_8_bit_rgb(tmp_path, photo, case):
     assert worst <= tol, f"{case}: off by up to {worst} levels"
 
 
-@pytest.mark.parametrize("case", ["I;16 12-bit", "I;16B 12-bit", "I;16L 14-bit", "I 0..255"])
+@pytest.mark.parametrize("case", ["I;16 12-bit", "I;16B 12-bit", "I;16 14-bit", "I 0..255"])
 def test_deep_integer_images_holding_few_bits_are_not_black(tmp_path, photo, case):
     path, *_ = CASES[case](tmp_path, photo)
     out = np.asarray(load_rgb(str(path)))
@@ -440,3 +427,74 @@ def test_a_large_16_bit_png_decodes_with_bounded_memory(tmp_path):
     print(f"8000x8000 16-bit PNG: peak RSS rise {rise_mb} MB, numpy peak (tracemalloc) {numpy_mb} MB")
     assert (mode, width, height, black) == ("RGB", "8000", "8000", "True")
     assert int(rise_mb) < 600 and int(numpy_mb) < 200
+
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+# formats Pillow writes and would read whatever a file's name says, that no image data set holds
+OTHER_FORMATS = ("PCX", "SGI", "TGA", "IM", "ICO", "DDS", "QOI", "MSP", "XBM", "SPIDER")
+
+
+def files_of_other_formats(folder: Path, photo) -> list[Path]:
+    """Files named `.png` and `.JPEG` that hold PostScript (what runs Ghostscript) or another of Pillow's formats."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "photo.png").write_bytes(POSTSCRIPT)
+    (folder / "n01440764_1.JPEG").write_bytes(POSTSCRIPT)
+    files = [folder / "photo.png", folder / "n01440764_1.JPEG"]
+    small = Image.fromarray(photo[:32, :32])
+    for kind in OTHER_FORMATS:
+        image = small.convert("1") if kind in ("MSP", "XBM") else small.convert("L") if kind == "SPIDER" else small
+        image.save(folder / f"{kind.lower()}.png", format=kind)
+        files.append(folder / f"{kind.lower()}.png")
+    return files
+
+
+@pytest.fixture
+def recorded_decoders(tmp_path: Path, monkeypatch) -> Path:
+    """Stand-ins for the programs Pillow's plugins run (Ghostscript), first on PATH: each records that it ran in
+    the returned file, and fails."""
+    import os
+
+    folder, ran = tmp_path / "bin", tmp_path / "decoders_ran"
+    folder.mkdir()
+    for name in ("gs", "gswin32c", "gswin64c"):
+        (folder / name).write_text(f"#!/bin/sh\necho {name} >> {ran}\nexit 1\n")
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return ran
+
+
+def test_a_file_of_another_format_is_an_unreadable_image_and_runs_no_program(tmp_path, photo, recorded_decoders):
+    for path in files_of_other_formats(tmp_path / "files", photo):
+        with pytest.raises(DataError, match="cannot read image"):
+            load_rgb(str(path))
+        with pytest.raises(DataError, match="cannot read image"):
+            load_rgb(path.name, data=path.read_bytes())  # as a shard's member
+    assert not recorded_decoders.exists()
+
+
+def test_predict_lists_files_of_other_formats_as_unreadable_and_prints_no_terminal_control(
+    digits_run: Path, tmp_path: Path, photo, recorded_decoders, entry
+) -> None:
+    import json
+
+    import torch
+
+    inputs = tmp_path / "inputs"
+    others = files_of_other_formats(inputs, photo)
+    Image.fromarray(photo[:40, :40]).save(inputs / "good.png", format="PNG")
+    checkpoint = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["data_info"]["class_names"] = [
+        "\x1b[2J\x1b]0;owned\x07zero",
+        *map(str, range(1, 10)),
+    ]
+    torch.save(checkpoint, tmp_path / "named.ckpt")
+    code, out, err = entry(
+        "predict.py", [f"ckpt_path={tmp_path / 'named.ckpt'}", f"inputs={inputs}", "top_k=10"], tmp_path
+    )
+    assert code == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\\x1b[2J" in out
+    (folder,) = (tmp_path / "logs" / "predict" / "runs").iterdir()
+    written = json.loads((folder / "predictions.json").read_text())
+    assert [Path(p["file"]).name for p in written["predictions"]] == ["good.png"]
+    assert sorted(Path(u["file"]).name for u in written["unreadable"]) == sorted(p.name for p in others)
+    assert not recorded_decoders.exists()

@@ -39,6 +39,9 @@ _PILLOW_CONVERTS = ("RGB", "RGBX", "CMYK", "YCbCr", "HSV")
 _BLOCK_PIXELS = 1 << 20
 _INVERT = list(range(255, -1, -1))
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# the raster formats image data sets hold; Pillow would otherwise pick any of its decoders by the content,
+# whatever the name (a "photo.png" of PostScript runs Ghostscript): anything else is an unreadable image
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "GIF")
 # EXIF orientation -> the transposition that shows the image upright (as PIL.ImageOps.exif_transpose)
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -215,14 +218,14 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
     """Decode an image file fully as an upright 8-bit RGB image: the file at ``path``, or, given ``data``, the
     encoded bytes of an image stored elsewhere (a shard) that ``path`` names in messages.
 
-    The EXIF orientation is applied, every Pillow mode is converted as the module docstring lists (16-bit,
-    12-bit-in-16-bit and 32-bit greyscale scaled by their depth, float by its range), and transparent
-    images are composited over a white background (the common convention). A file that cannot be decoded,
-    or converted faithfully, or that Pillow refuses as a decompression bomb, raises ``DataError`` naming it
-    and the fix.
+    Only the raster formats in ``FORMATS`` are decoded. The EXIF orientation is applied, every Pillow mode is
+    converted as the module docstring lists (16-bit, 12-bit-in-16-bit and 32-bit greyscale scaled by their
+    depth, float by its range), and transparent images are composited over a white background (the common
+    convention). A file that cannot be decoded, or converted faithfully, or that Pillow refuses as a
+    decompression bomb, raises ``DataError`` naming it and the fix.
     """
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as src:
+        with Image.open(path if data is None else io.BytesIO(data), formats=FORMATS) as src:
             rawmode = _rawmode(src)  # before getexif(), which may load the image and drop its tiles
             upright = _UPRIGHT.get(src.getexif().get(0x0112))
             if src.mode in ("RGB", "L") and "transparency" not in src.info and ";16" not in rawmode:

@@ -84,6 +84,11 @@ def check_class_names(trained: list[str], found: list[str], cfg: DictConfig) -> 
         )
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, control characters) escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def image_files(inputs: str) -> list[Path]:
     """An image file, or every image file under a folder (the extensions the ImageNet data module reads)."""
     path = Path(inputs)
@@ -126,7 +131,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
                 batch.append(file)
             except DataError as err:
                 unreadable.append({"file": str(file), "error": str(err)})
-                print(f"Error: {err}", file=sys.stderr)
+                print(f"Error: {printable(str(err))}", file=sys.stderr)
         if not batch:
             continue
         images = torch.stack(images)
@@ -135,7 +140,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         for file, p, c in zip(batch, probs.tolist(), classes.tolist()):
             top = [{"class": info["class_names"][i], "index": i, "prob": q} for i, q in zip(c, p)]
             predictions.append({"file": str(file), "top": top})
-            print(f"{file}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top))
+            print(f"{printable(str(file))}: " + ", ".join(f"{printable(t['class'])} {t['prob']:.3f}" for t in top))
     write_results(
         cfg.paths.output_dir,
         {"checkpoint": str(cfg.ckpt_path), "weights": cfg.weights, "predictions": predictions}
