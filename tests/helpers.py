@@ -207,6 +207,19 @@ def write_photo_tree(
     return root
 
 
+def flatten_val(root: Path) -> list[tuple[str, str]]:
+    """Turn val/<wnid>/* into ImageNet's flat val/ILSVRC2012_val_<n>.JPEG; returns (file, wnid) in order."""
+    found = sorted((p, p.parent.name) for p in (root / "val").glob("*/*.JPEG"))
+    flat = []
+    for n, (path, wnid) in enumerate(found, start=1):
+        name = f"ILSVRC2012_val_{n:08d}.JPEG"
+        path.rename(root / "val" / name)
+        flat.append((name, wnid))
+    for wnid in WNIDS:
+        (root / "val" / wnid).rmdir()
+    return flat
+
+
 def write_shard_sets(root: str | os.PathLike, train_per_class: int = 10) -> dict[str, Path]:
     """One real-image data set (`write_photo_tree`) in every format we read: `folder`, `parquet` and `wds`
     (written by `python -m dynamixer.data.convert`, two or three images a tar shard) and `saved`

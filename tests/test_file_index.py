@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 
 from dynamixer.data import DataError, ImageFolderDataModule, file_index
-from helpers import QUIET_FAST, WNIDS, run_dir, run_script, write_photo_tree
+from helpers import QUIET_FAST, WNIDS, flatten_val, run_dir, run_script, write_photo_tree
 
 
 @pytest.fixture
@@ -91,19 +91,6 @@ def _with_file(path: Path, name: str) -> dict:
     if name != "extra.JPEG":
         payload["digest"] = file_index._digest(payload["splits"])  # a well-formed digest: the names are refused
     return payload
-
-
-def flatten_val(root: Path) -> list[tuple[str, str]]:
-    """Turn val/<wnid>/* into ImageNet's flat val/ILSVRC2012_val_<n>.JPEG; returns (file, wnid) in order."""
-    found = sorted((p, p.parent.name) for p in (root / "val").glob("*/*.JPEG"))
-    flat = []
-    for n, (path, wnid) in enumerate(found, start=1):
-        name = f"ILSVRC2012_val_{n:08d}.JPEG"
-        path.rename(root / "val" / name)
-        flat.append((name, wnid))
-    for wnid in WNIDS:
-        (root / "val" / wnid).rmdir()
-    return flat
 
 
 def test_the_official_flat_val_folder_reads_kaggles_labels_and_the_devkits_alike(photos: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from dynamixer.run.run_folder import RunFolderError, claim_run_folder
 from dynamixer.schedules import cosine_with_warmup
-from helpers import QUIET_FAST, QUIET_TRAIN, compose_train_config, files_state, run_dir
+from helpers import QUIET_FAST, QUIET_TRAIN, compose_job_config, compose_train_config, files_state, run_dir
 
 STEPS_PER_EPOCH = 4
 RUN = [
@@ -155,3 +155,15 @@ def test_a_checkpoint_of_another_run_is_refused_in_a_folder_that_holds_a_run(
     )
     assert code == 0, err[-3000:]
     assert torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["run_id"] == other
+
+
+def test_results_name_the_best_epoch_by_the_monitors_mode(tmp_path: Path) -> None:
+    """`best` in results.json is the epoch the checkpoint callback kept: with val/loss, the lowest."""
+    from dynamixer.run import train
+
+    monitor = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"]
+    results = train(compose_job_config([*QUIET_FAST, "trainer.max_epochs=3", *monitor], tmp_path / "run"))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    losses = [h["val/loss"] for h in last["callbacks"]["MetricsHistory"]["history"]]
+    assert len(set(losses)) == 3 and results["best"]["val/loss"] == min(losses)
+    assert results["best_checkpoint"].endswith(f"step{results['best']['step']:06d}.ckpt")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dynamixer.utils.results import RESULTS_FILE, read_results, write_file
+from dynamixer.bounded import load_yaml, parse_yaml, read_text
+from dynamixer.errors import DataError, MissingPathError
+from dynamixer.utils.results import RESULTS_FILE, write_file
 from dynamixer.utils.tracking import REPLICATE_KEY
 
 METRICS = ("val/acc1", "val/ema_acc1", "val/acc5", "val/loss")
@@ -28,24 +31,35 @@ METRICS = ("val/acc1", "val/ema_acc1", "val/acc5", "val/loss")
 
 def _parse(value: str) -> Any:
     try:
-        return yaml.safe_load(value)
+        return parse_yaml(value)
     except yaml.YAMLError:
         return value
 
 
-def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job folder of `sweep_dir`: `job`, `overrides` (dict), `status` and the results."""
-    rows = []
-    # rglob: an override value holding a "/" nests the job folder one level deeper
-    for overrides_file in sorted(Path(sweep_dir).rglob(".hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
+def _job(job_dir: Path) -> dict[str, Any]:
+    """A job folder's row: its overrides (a list of `key=value` in `.hydra/overrides.yaml`) and results; a job
+    whose files are not what a job writes gets the status `unreadable` and why."""
+    try:
+        items = load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise DataError(f"{job_dir / '.hydra' / 'overrides.yaml'} is not a list of key=value overrides")
         overrides = {}
-        for item in yaml.safe_load(overrides_file.read_text()) or []:
+        for item in items:
             key, _, value = item.partition("=")
             overrides[key.lstrip("+~")] = _parse(value)
-        results = read_results(job_dir) if (job_dir / RESULTS_FILE).is_file() else {"status": "no results"}
-        rows.append({**results, "job": job_dir.name, "overrides": overrides})
-    return sorted(rows, key=lambda r: int(r["job"].split("_", 1)[0]) if r["job"][0].isdigit() else 0)
+        results = json.loads(read_text(job_dir / RESULTS_FILE)) if (job_dir / RESULTS_FILE).is_file() else None
+        if results is not None and not isinstance(results, dict):
+            raise DataError(f"{job_dir / RESULTS_FILE} is not a map of results")
+    except (DataError, OSError, ValueError) as err:
+        return {"status": "unreadable", "error": str(err), "job": job_dir.name, "overrides": {}}
+    return {**(results or {"status": "no results"}), "job": job_dir.name, "overrides": overrides}
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per job folder of `sweep_dir`: `job`, `overrides` (dict), `status` and the results."""
+    # rglob: an override value holding a "/" nests the job folder one level deeper
+    rows = [_job(found.parent.parent) for found in sorted(Path(sweep_dir).rglob(".hydra/overrides.yaml"))]
+    return sorted(rows, key=lambda r: int(re.match(r"\d*", r["job"]).group() or 0))
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -224,7 +238,7 @@ def summarize(sweep_dir: str | Path, metric: str | None = None) -> dict[str, Pat
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"{sweep_dir} holds no job folders (*/.hydra/overrides.yaml): is it a multirun folder?")
+        raise MissingPathError(f"{sweep_dir} holds no job folders (*/.hydra/overrides.yaml): is it a multirun folder?")
     metric = metric or next((r["monitor"] for r in rows if r.get("monitor")), "val/acc1")
     keys = swept_keys(rows)
     out = {"table": sweep_dir / "sweep.md", "json": sweep_dir / "sweep.json", "plot": sweep_dir / "sweep.png"}
@@ -253,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a multirun folder, e.g. logs/train/multiruns/<run_name>")
     parser.add_argument("--metric", default=None, help="metric to plot (default: the runs' monitored metric)")
     args = parser.parse_args(argv)
-    paths = summarize(args.sweep_dir, args.metric)
+    from dynamixer.run.cli import exit_on_user_error
+
+    with exit_on_user_error():
+        paths = summarize(args.sweep_dir, args.metric)
     print(paths["table"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dynamixer.bounded import read_text
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule, rank_zero_first
 from dynamixer.data.images import load_rgb
 from dynamixer.errors import DataError
@@ -143,11 +144,11 @@ class HFDataModule(ClassificationDataModule):
         """The splits and Arrow files a save_to_disk folder names must be plain names inside it: `datasets`
         joins them to the folder as they are (`../` would map a file from elsewhere)."""
         try:
-            splits = json.loads((self.data_dir / "dataset_dict.json").read_text()[: 1 << 20]).get("splits")
+            splits = json.loads(read_text(self.data_dir / "dataset_dict.json", 1 << 20)).get("splits")
             files = [
                 entry.get("filename")
                 for split in splits
-                for entry in json.loads((self.data_dir / split / "state.json").read_text()[: 1 << 24])["_data_files"]
+                for entry in json.loads(read_text(self.data_dir / split / "state.json", 1 << 24))["_data_files"]
             ]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
             raise DataError(f"{self.data_dir} is no readable save_to_disk folder ({err}): save it again") from None

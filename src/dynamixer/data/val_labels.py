@@ -13,6 +13,7 @@ import csv
 import os
 from pathlib import Path
 
+from dynamixer.bounded import check_mat_file, read_text
 from dynamixer.errors import DataError
 
 KAGGLE = "LOC_val_solution.csv"
@@ -63,10 +64,11 @@ def _devkit(path: Path, val_files: list[str]) -> dict[str, str]:
     meta = path.with_name("meta.mat")
     if not meta.is_file():
         raise DataError(f"{path} needs the devkit's {meta.name} beside it (ILSVRC2012 IDs -> WNIDs); it is missing")
+    check_mat_file(meta)  # what it declares is bounded before loadmat allocates it
     try:
         synsets = loadmat(meta, squeeze_me=True)["synsets"]
         wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-        ids = [int(line) for line in path.read_text()[:_MAX_BYTES].split()]
+        ids = [int(line) for line in read_text(path, _MAX_BYTES).split()]
     except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError) as err:
         raise DataError(
             f"cannot read the devkit's {meta.name} and {path.name} ({err}): unpack the devkit again"

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from dynamixer.bounded import expand_braces
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
 from dynamixer.data.images import load_rgb
@@ -338,11 +339,9 @@ class WebDataModule(ClassificationDataModule):
 
     def _listed(self, info: dict[str, Any], split: str, pattern: str | None) -> tuple[list[str], list[int]]:
         """The split's shard paths and sample counts: `pattern`'s files, or all of `info.json`'s."""
-        from braceexpand import braceexpand
-
         known = info["splits"].get(split, {"shards": [], "counts": []})
         count = dict(zip(known["shards"], known["counts"]))
-        names = list(braceexpand(pattern)) if pattern is not None else list(known["shards"])
+        names = expand_braces(pattern, f"data.{split}_shards") if pattern is not None else list(known["shards"])
         if len(set(names)) != len(names):
             raise DataError(f"data.{split}_shards={pattern} names a shard twice: give each shard once")
         unknown = [n for n in names if n not in count]

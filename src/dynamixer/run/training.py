@@ -55,7 +55,8 @@ def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datam
     extension = next((c.record for c in trainer.callbacks if isinstance(c, RebuildSchedule)), None)
     write_error = next((c.write_error for c in trainer.callbacks if getattr(c, "write_error", None)), None)
     monitor = getattr(trainer.checkpoint_callback, "monitor", None)
-    best = max(history, key=lambda h: h.get(monitor, float("-inf"))) if history and monitor else None
+    pick = min if getattr(trainer.checkpoint_callback, "mode", "max") == "min" else max  # val/loss: the lowest
+    best = pick((h for h in history if monitor in h), key=lambda h: h[monitor], default=None) if monitor else None
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     return {
         "status": "finished",

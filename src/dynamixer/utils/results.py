@@ -33,7 +33,3 @@ def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
 def write_results(folder: str | os.PathLike, results: dict[str, Any], name: str = RESULTS_FILE) -> Path:
     """Write `results` as JSON into `folder` (`write_file`: whole, never through a link)."""
     return write_file(Path(folder) / name, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_results(folder: str | os.PathLike, name: str = RESULTS_FILE) -> dict[str, Any]:
-    return json.loads((Path(folder) / name).read_text())
