@@ -67,6 +67,8 @@ def pattern_count(pattern: str) -> int:
     """The number of names a brace pattern expands to (an upper bound where braces are escaped or unbalanced),
     counted without expanding it: lists add their alternatives, groups in a row multiply."""
 
+    left_open = []  # a group without its "}": brace expansion reads such a "{" as text
+
     def sequence(i: int) -> tuple[int, int]:  # a run of text and groups, up to a "," or "}" of the group above
         total = 1
         while i < len(pattern) and pattern[i] not in ",}":
@@ -88,6 +90,8 @@ def pattern_count(pattern: str) -> int:
         while True:
             count, i = sequence(i)
             alternatives = min(alternatives + count, _CAP)
+            if i >= len(pattern):
+                left_open.append(i)
             if i >= len(pattern) or pattern[i] == "}":
                 return alternatives, i + 1
             i += 1  # past ","
@@ -96,6 +100,10 @@ def pattern_count(pattern: str) -> int:
     while i < len(pattern):
         count, i = sequence(i)
         total, i = min(total * count, _CAP), i + 1  # a "," or "}" outside any group is plain text
+    if left_open:  # then a cruder bound: each list at most doubles per comma, ranges multiply
+        total = min(2 ** min(pattern.count(","), 64), _CAP)
+        for found in _RANGE.finditer(pattern):
+            total = min(total * group(found.start())[0], _CAP)
     return total
 
 

@@ -36,24 +36,85 @@ Init = Annotated[T, Role.INIT]
 
 
 @cache
-def roles(target: Callable[..., Any]) -> dict[str, Role]:
-    """The declared role of each keyword parameter of `target` (a function, or a class: its `__init__`s along
-    the classes it passes `**kwargs` to); parameters without one are trained."""
-    found: dict[str, Role] = {}
-    functions = (
-        [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)] if inspect.isclass(target) else [target]
-    )
+def annotations(target: Callable[..., Any]) -> dict[str, Any]:
+    """The annotation of each keyword parameter of `target`: a function, or a class (its `__init__`s along the
+    classes it passes `**kwargs` to); the model factory passes them on to the DynaMixer model."""
+    if getattr(target, "__qualname__", "") == "create_model" and target.__module__.startswith("dynamixer."):
+        from dynamixer.models import DynaMixer
+
+        return {**annotations(DynaMixer), **_hints([target])}
+    if inspect.isclass(target):
+        return _hints([c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)])
+    return _hints([target])
+
+
+def _hints(functions: list[Callable[..., Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
     for function in functions:
         try:
             hints = typing.get_type_hints(function, include_extras=True)
         except (NameError, TypeError):  # a library's class without resolvable annotations
-            continue
+            hints = {}
         for name, hint in hints.items():
-            role = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Role)), Role.TRAINED)
-            found.setdefault(name, role)
+            found.setdefault(name, hint)
         if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values()):
             break  # the classes above take nothing more from this one
+    found.pop("return", None)
     return found
+
+
+def roles(target: Callable[..., Any]) -> dict[str, Role]:
+    """The declared role of each keyword parameter of `target` (see `annotations`); without one: trained."""
+    return {
+        name: next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Role)), Role.TRAINED)
+        for name, hint in annotations(target).items()
+    }
+
+
+def check_types(target: Callable[..., Any], values: dict[str, Any], section: str) -> None:
+    """Each of `values` (keyword arguments of `target`, as the config gives them) is of its parameter's declared
+    type, strictly (a string is no number, a bool no count); else one `ConfigError` naming the key, the value
+    and the type. Parameters without an annotation pydantic can check are left to the target."""
+    from pydantic import ValidationError
+
+    from dynamixer.errors import ConfigError
+
+    for key, value in values.items():
+        hint = annotations(target).get(key)
+        nested = "_target_" in repr(value)  # objects the config builds (callbacks, plugins): their own checks
+        if hint is None or value is None or nested or key.startswith("_"):  # None: the target's own default
+            continue
+        try:
+            adapter = _adapter(hint)
+        except Exception:  # a library's own types, which pydantic cannot check
+            continue
+        candidates = [value, tuple(value)] if isinstance(value, list) else [value]  # YAML has lists only
+        for candidate in candidates:
+            try:
+                adapter.validate_python(candidate, strict=True)
+                break
+            except ValidationError:
+                continue
+        else:
+            raise ConfigError(
+                f"{section}.{key}={value!r} is not of the type it takes ({_name(hint)}): give {section}.{key} a value "
+                "of that type"
+            )
+
+
+@cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+
+
+def _name(hint: Any) -> str:
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def role_of(target: Callable[..., Any], key: str) -> Role:

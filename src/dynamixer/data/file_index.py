@@ -163,7 +163,7 @@ class FileIndex:
             raise damaged from None
         splits = payload.get("splits") if isinstance(payload, dict) else None
         if (
-            payload is None
+            not isinstance(payload, dict)
             or payload.get("format") != INDEX_FORMAT
             or not isinstance(splits, dict)
             or not all(isinstance(f, dict) and all(_check_folder(r, e) for r, e in f.items()) for f in splits.values())

@@ -9,11 +9,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.errors import ConfigError, DataError, UserError
 from dynamixer.lit_module import ImageClassifier
+from dynamixer.schema import check_types
 from dynamixer.utils.complexity import count_gmacs, count_params
 
 
@@ -40,6 +41,24 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def check_sections(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", "module", "optimizer", "scheduler")):
+    """Each value of these sections is of the type its target's parameter declares (`dynamixer.schema`)."""
+    for section in sections:
+        node = cfg.get(section)
+        if OmegaConf.is_dict(node) and isinstance(node.get("_target_"), str):
+            values = OmegaConf.to_container(node, resolve=True)
+            check_types(get_object(node._target_), values, section)
+
+
+def dry_build(section: str, make: Any) -> Any:
+    """`make()`: a partial of the config built once on a stand-in, so that what its own checks refuse (torch's
+    "Invalid learning rate") is a user's error now, naming the section, not a traceback at the first step."""
+    try:
+        return make()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{section}: {err}. Give the {section} settings values it takes") from None
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
     if "_target_" not in cfg.data:  # conf/data/imagenet_recipe.yaml: the base of the ImageNet sources
@@ -47,6 +66,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
             "this data option names no data module (imagenet_recipe is the shared base of data=imagenet, data=hf "
             "and data=wds): choose one of those, or digits or cifar"
         )
+    check_sections(cfg)
+    optimizer = instantiate(cfg.optimizer)
+    stand_in = dry_build("optimizer", lambda: optimizer(params=[torch.zeros(1, requires_grad=True)]))
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    if scheduler is not None:
+        dry_build("scheduler", lambda: scheduler(stand_in, steps_per_epoch=1, max_epochs=1))
     datamodule = instantiate_checked(cfg.data)
     if datamodule.num_classes < 2:
         raise DataError(
@@ -64,8 +89,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     module = instantiate(cfg.module, _partial_=True)(
         model=model,
         num_classes=datamodule.num_classes,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         data_info={
             "class_names": list(datamodule.class_names),

@@ -24,7 +24,7 @@ from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.lightning_internals import launched_ranks
-from dynamixer.run.build import build, instantiate_checked, model_size
+from dynamixer.run.build import build, check_sections, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_checkpoint
 from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.utils.launch import (
@@ -185,6 +185,7 @@ def check_monitors(callbacks: dict[str, Any], module: Any) -> None:
 def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed} is not an integer: give seed=<integer>, e.g. seed=42")
+    check_sections(cfg, ("trainer",))
     check_devices(cfg.trainer)
     # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
     # could be another: a save or a copy in between)
