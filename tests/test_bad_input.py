@@ -110,7 +110,17 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
         ["val/ema_acc1", "module.ema_decay=null", "monitor=val/acc1"],
     ),
     ("output folder that cannot be made", lambda t: [f"paths.log_dir={blocked(t)}/logs"], ["blocked", "paths.log_dir"]),
+    ("empty ckpt_path", lambda t: [f"ckpt_path={empty(t)}"], ["empty.ckpt", "cannot be read"]),
+    ("empty pretrained_file", lambda t: [f"model.pretrained_file={empty(t)}"], ["empty.ckpt", "cannot be read"]),
+    ("a value of another type", lambda t: ["optimizer.lr=x"], ["optimizer.lr='x'", "float"]),
+    ("a value the optimizer refuses", lambda t: ["optimizer.lr=-1"], ["optimizer", "Invalid learning rate"]),
+    ("a fusion that does not exist", lambda t: ["model.fusion=evil"], ["model.fusion='evil'", "reweight"]),
 ]
+
+
+def empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    return tmp_path / "empty.ckpt"
 
 
 def truncated(tmp_path: Path) -> Path:

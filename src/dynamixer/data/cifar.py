@@ -91,10 +91,23 @@ class CIFARDataModule(ClassificationDataModule):
         return list(self._classes)
 
     def _split(self, files: list[str], transform) -> InMemoryImages:
-        batches = [_load(self.folder / name) for name in files]
-        pixels = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = [int(label) for b in batches for label in b[self._label_key]]
-        return InMemoryImages([Image.fromarray(p) for p in pixels], labels, transform)
+        pixels, labels = [], []
+        for name in files:
+            path = self.folder / name
+            batch = _load(path)
+            data = batch.get(b"data") if isinstance(batch, dict) else None
+            found = batch.get(self._label_key) if isinstance(batch, dict) else None
+            ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            ok = ok and isinstance(found, list) and len(found) == len(data)
+            ok = ok and all(isinstance(y, int) and 0 <= y < len(self._classes) for y in found)
+            if not ok:
+                raise DataError(
+                    f"the CIFAR file {path} is no batch of {len(self._classes)} classes (uint8 images of 3x32x32, a "
+                    "class index of each): download the python version of the data set again and unpack it"
+                )
+            pixels.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels += found
+        return InMemoryImages([Image.fromarray(p) for p in np.concatenate(pixels)], labels, transform)
 
     def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
         return self._split(self._train_files, self._train_tf), self._split([self._test_file], self._eval_tf)

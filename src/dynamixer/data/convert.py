@@ -40,9 +40,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 def parse_size(text: str) -> int:
     """`500MB`, `1GB`, `1.5GB`, `1000000` -> bytes."""
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())
-    if not found or float(found[1]) <= 0:
-        raise DataError(f"--shard-size={text}: give a size such as 500MB or 1GB")
-    return int(float(found[1]) * _UNITS[found[2]])
+    size = int(float(found[1]) * _UNITS[found[2]]) if found else 0
+    if size < 1:
+        raise DataError(f"--shard-size={text}: give a size of a byte or more, such as 500MB or 1GB")
+    return size
 
 
 def shard_plan(sizes: Sequence[int], shard_bytes: int) -> list[range]:

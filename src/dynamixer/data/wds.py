@@ -57,6 +57,20 @@ MAX_MEMBER_BYTES = 64 << 20  # a file of a sample, read whole into memory: an Im
 _MAX_INFO_BYTES = 64 << 20
 
 
+def _member_name(shard: str, name: str, seen: set[str]) -> tuple[str | None, str | None]:
+    """The (key, extension) of a tar member of a sample (None for a file that is none), refusing a name given
+    twice and webdataset's own fields (`__key__`, `__url__`), which a member must not set."""
+    from webdataset.tariterators import base_plus_ext
+
+    if name in seen:
+        raise DataError(f"{shard} holds {name[:200]!r} twice: convert the data again")
+    seen.add(name)
+    key, ext = base_plus_ext(name)
+    if ext is not None and (ext.startswith("_") or key.startswith("_")):
+        raise DataError(f"{shard} holds a member {name[:200]!r}, a name no sample's file has: convert the data again")
+    return key, ext
+
+
 def _tar_files(path: str) -> Iterator[dict[str, Any]]:
     """The regular files of the uncompressed tar at `path`, in order, as webdataset's file records
     (`fname`, `data`, `__url__`); opened here, not through webdataset's URL opener (which takes `pipe:` and
@@ -64,9 +78,11 @@ def _tar_files(path: str) -> Iterator[dict[str, Any]]:
     raises `DataError`."""
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            seen: set[str] = set()
             for member in tar:
                 if not member.isfile():
                     continue
+                _member_name(path, member.name, seen)
                 if member.size > MAX_MEMBER_BYTES:
                     raise DataError(
                         f"{path}: {member.name} is {member.size} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB a "
@@ -204,16 +220,15 @@ class TarSamples(Dataset):
     sampler gives every rank the same number of batches, with no sample left out."""
 
     def __init__(self, shards: list[str], counts: list[int], transform: Callable, num_classes: int) -> None:
-        from webdataset.tariterators import base_plus_ext
-
         self.transform, self.num_classes = transform, num_classes
         self.samples: list[tuple[str, str, dict[str, tuple[int, int]]]] = []  # (shard, key, ext -> (offset, size))
         for shard, count in zip(shards, counts):
             found: dict[str, dict[str, tuple[int, int]]] = {}
             try:
                 with tarfile.open(shard, "r:") as tar:  # an uncompressed tar's headers: nothing is extracted
+                    seen: set[str] = set()
                     for member in tar:
-                        key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                        key, ext = _member_name(shard, member.name, seen) if member.isfile() else (None, None)
                         if key is not None and member.size <= MAX_MEMBER_BYTES:
                             found.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
             except (OSError, tarfile.TarError) as err:

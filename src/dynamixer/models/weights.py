@@ -27,6 +27,11 @@ from .dynamixer import DynaMixer, checkpoint_filter_fn
 __all__ = ["create_model", "load_pretrained_file", "read_file", "read_weights", "training_weights"]
 
 
+def _line(err: BaseException, index: int) -> str:
+    """One line of an error's message (its type where it has none), for a message of ours."""
+    return (str(err).splitlines() or [type(err).__name__])[index].strip()[:200]
+
+
 def read_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     """The content of a PyTorch file (`torch.save`), on the CPU, read as data only: the one reader of weight and
     checkpoint files. A file holding Python objects beyond tensors and plain values (which unpickling would
@@ -37,12 +42,12 @@ def read_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refused to open {path}: it holds Python objects beyond tensors and plain values, and opening "
-            f"it would run code from the file ({str(err).splitlines()[-1].strip()[:200]}). Use checkpoints written "
+            f"it would run code from the file ({_line(err, -1)}). Use checkpoints written "
             "by dynamixer's train.py, or load this one only if you trust where it came from."
         ) from None
     except (RuntimeError, EOFError, ValueError) as err:  # torch's readers: a cut zip, another format
         raise CheckpointError(
-            f"{path} cannot be read ({str(err).splitlines()[0][:200]}): it is truncated (a kill or a full disk "
+            f"{path} cannot be read ({_line(err, 0)}): it is truncated (a kill or a full disk "
             "during a write or copy) or not a PyTorch file. Copy it again, or use the run's last.prev.ckpt"
         ) from None
 
