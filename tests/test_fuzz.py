@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dynamixer.bounded import parse_yaml, pattern_count
@@ -34,11 +34,15 @@ FUZZ_SCALE = 10 if os.environ.get("DYNAMIXER_FUZZ") == "ci" else 1
 SECONDS = 30  # one case, read and restored: a bound far above what any takes (a parse that expands hangs)
 
 
-def fuzz(examples: int):
+def fuzz(examples: int, shrink: bool = True):
+    """Hypothesis' settings for `examples` cases (times `FUZZ_SCALE`); no line tracing of a failure (its explain
+    phase makes a failing training run take minutes), and without `shrink` its case is reported as found."""
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, *([Phase.shrink] if shrink else [])]
     return settings(
         max_examples=examples * FUZZ_SCALE,
         deadline=None,
         derandomize=True,
+        phases=phases,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 
@@ -260,7 +264,7 @@ OPTIONS = {
 }
 
 
-@fuzz(6)
+@fuzz(3, shrink=False)
 @given(choices=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.just(None), min_size=1, max_size=3), data=st.data())
 def test_train_py_options_run_or_end_in_one_message(tmp_path_factory, entry, choices, data) -> None:
     short = {"trainer.max_epochs": "1", "trainer.limit_train_batches": "1", "trainer.limit_val_batches": "1"}

@@ -42,7 +42,8 @@ def annotations(target: Callable[..., Any]) -> dict[str, Any]:
     if getattr(target, "__qualname__", "") == "create_model" and target.__module__.startswith("dynamixer."):
         from dynamixer.models import DynaMixer
 
-        return {**annotations(DynaMixer), **_hints([target])}
+        # timm.create_model drops arguments given as None: the variant's own value
+        return {**{k: hint | None for k, hint in annotations(DynaMixer).items()}, **_hints([target])}
     if inspect.isclass(target):
         return _hints([c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)])
     return _hints([target])
@@ -82,7 +83,7 @@ def check_types(target: Callable[..., Any], values: dict[str, Any], section: str
     for key, value in values.items():
         hint = annotations(target).get(key)
         nested = "_target_" in repr(value)  # objects the config builds (callbacks, plugins): their own checks
-        if hint is None or value is None or nested or key.startswith("_"):  # None: the target's own default
+        if hint is None or nested or key.startswith("_"):
             continue
         try:
             adapter = _adapter(hint)

@@ -183,9 +183,15 @@ def check_monitors(callbacks: dict[str, Any], module: Any) -> None:
 
 
 def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed={cfg.seed} is not an integer: give seed=<integer>, e.g. seed=42")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} is not an integer from 0 to 2**32-1: give seed=<integer>, e.g. seed=42")
     check_sections(cfg, ("trainer",))
+    epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
+    if (steps is None or steps < 1) and (epochs is None or epochs < 1):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs} with trainer.max_steps={steps}: a run needs a length (its lr schedule is "
+            "built over it): give trainer.max_epochs=1 or more, or trainer.max_steps=1 or more"
+        )
     check_devices(cfg.trainer)
     # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
     # could be another: a save or a copy in between)
