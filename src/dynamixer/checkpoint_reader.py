@@ -43,7 +43,7 @@ from pydantic.functional_validators import AfterValidator, PlainValidator
 
 from dynamixer.errors import CheckpointError
 from dynamixer.lit_module import CHECKPOINT_FORMAT
-from dynamixer.models.weights import read_file
+from dynamixer.models.weights import differences, listed, read_file
 
 log = logging.getLogger(__name__)
 
@@ -379,14 +379,11 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict[str, Any
 def check_weights_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
     """The weights `state` are those of a model whose own state dict is `expected` (names and shapes; e.g. a
     model built on the meta device, before anything is allocated); else one `CheckpointError`."""
-    mis_shaped = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if mis_shaped or missing or unexpected:
+    found = differences(state, expected)
+    if any(found):
         raise CheckpointError(
-            f"the weights in {source} are not those of the model its config describes: {len(mis_shaped)} of another "
-            f"shape (e.g. {mis_shaped[:2]}), {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:2]}). The file was changed after train.py wrote it: use the run's own copy"
+            f"the weights in {source} are not those of the model its config describes: {listed(*found)}. The file "
+            "was changed after train.py wrote it: use the run's own copy"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ from dynamixer.schema import Init, Speed
 
 from .dynamixer import DynaMixer, checkpoint_filter_fn
 
-__all__ = ["create_model", "load_pretrained_file", "read_file", "read_weights", "training_weights"]
+__all__ = [
+    "create_model",
+    "differences",
+    "listed",
+    "load_pretrained_file",
+    "read_file",
+    "read_weights",
+    "training_weights",
+]
 
 
 def _line(err: BaseException, index: int) -> str:
@@ -89,6 +98,24 @@ def training_weights(
     return found
 
 
+def differences(
+    state: dict[str, Any], expected: dict[str, Any], optional: Iterable[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of weights `state` of another shape than in `expected` (a model's state dict), those of
+    `expected` it lacks (but `optional` ones), and those `expected` has not."""
+    mis_shaped = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state and k not in set(optional)]
+    return mis_shaped, missing, [k for k in state if k not in expected]
+
+
+def listed(mis_shaped: list[str], missing: list[str], unexpected: list[str]) -> str:
+    """`differences` in a message: counts and the first keys of each."""
+    return (
+        f"{len(mis_shaped)} of another shape (e.g. {mis_shaped[:2]}), {len(missing)} missing (e.g. {missing[:2]}), "
+        f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+    )
+
+
 def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str = "ema") -> list[str]:
     """Load the weights in `path` into `model`; returns the keys left as initialised (a head for another
     class count). Raises `CheckpointError` naming what does not fit."""
@@ -97,20 +124,16 @@ def load_pretrained_file(model: DynaMixer, path: str | os.PathLike, weights: str
     head = [k for k in expected if k.startswith("head.")]
     if any(k in state and state[k].shape != expected[k].shape for k in head):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # another class count
-    mis_shaped = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    mis_shaped, missing, unexpected = differences(state, expected, optional=head)
     if any(".generate." in k for k in mis_shaped):
         raise CheckpointError(
             f"the weights in {path} were built for another image size than this model's "
             f"{model.img_size[0]}x{model.img_size[1]} (their token-mixing layers are sized by it): "
             "set model.img_size to the size they were trained at"
         )
-    missing = [k for k in expected if k not in state and k not in head]
-    unexpected = [k for k in state if k not in expected]
     if mis_shaped or missing or unexpected:
         raise CheckpointError(
-            f"the weights in {path} are not this model's: "
-            f"{len(mis_shaped)} of another shape (e.g. {mis_shaped[:2]}), {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Use the "
+            f"the weights in {path} are not this model's: {listed(mis_shaped, missing, unexpected)}. Use the "
             "model (variant, segments, reduced_dim) the weights were trained with"
         )
     model.load_state_dict(state, strict=False)
