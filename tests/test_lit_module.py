@@ -480,3 +480,16 @@ def test_no_checkpoint_of_a_diverged_state_is_written() -> None:
     module._note_if_nonfinite(torch.tensor(2.0))  # the first non-finite one is named, not the last
     with pytest.raises(DivergenceError, match=r"loss is nan at step 0"):
         module.on_save_checkpoint({})
+
+
+def test_debug_overfit_drives_the_training_loss_of_a_few_batches_down(tmp_path) -> None:
+    """`debug=overfit` (Lightning's overfit_batches on our resumable sampler): the loss of two batches falls."""
+    import csv
+
+    from dynamixer.run import train
+    from helpers import QUIET_FAST, compose_job_config
+
+    train(compose_job_config([*QUIET_FAST, "debug=overfit", "trainer.max_epochs=15"], tmp_path / "run"))
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert len(losses) == 15 and losses[-1] < 0.5 * losses[0], losses

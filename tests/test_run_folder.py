@@ -131,6 +131,20 @@ def test_a_run_folder_holding_links_is_refused_and_nothing_is_written_through_th
     assert files_state(outside) == before
 
 
+def test_links_that_stay_inside_the_run_folder_resume(digits_run: Path, tmp_path: Path, entry) -> None:
+    """W&B links its latest run and logs inside the run folder (`wandb/latest-run`): writes stay in the folder."""
+    folder = run_dir(tmp_path, "r")
+    shutil.copytree(digits_run, folder)
+    (folder / "wandb" / "run-1" / "logs").mkdir(parents=True)
+    (folder / "wandb" / "run-1" / "logs" / "debug.log").write_text("")
+    (folder / "wandb" / "latest-run").symlink_to("run-1", target_is_directory=True)
+    (folder / "wandb" / "debug.log").symlink_to(folder / "wandb" / "run-1" / "logs" / "debug.log")
+    code, _, err = entry(
+        "train.py", [*QUIET_FAST, "run_name=r", "ckpt_path=auto", "extend=true", "trainer.max_epochs=3"], tmp_path
+    )
+    assert code == 0, err[-3000:]
+
+
 def test_a_checkpoint_of_another_run_is_refused_in_a_folder_that_holds_a_run(
     digits_run: Path, tmp_path: Path, user_error, entry
 ) -> None:

@@ -64,16 +64,19 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int]) -> Any:
+    def __getitem__(self, item: tuple[int, int] | int) -> Any:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
+    def __getitems__(self, items: list[tuple[int, int] | int]) -> list[Any]:
         """The samples of a batch (the data loader's batched fetch). The process's generators are saved and
         restored once per batch: numpy's state copy alone would cost more than decoding a small image."""
         states = generator_states()
         try:
             samples = []
-            for index, seed in items:
+            for item in items:
+                # a plain index: Lightning's overfit_batches put its own sequential sampler in place; the
+                # sample's draws then come from its index (the same every epoch, what overfitting asks)
+                index, seed = item if isinstance(item, tuple) else (item, item)
                 seed_generators(seed)
                 samples.append(self.dataset[index])
             return samples

@@ -42,16 +42,18 @@ def _what_it_holds(folder: Path) -> str:
 
 
 def links_in(folder: Path, limit: int = 1_000_000) -> list[str]:
-    """The entries of `folder` a write would follow out of it: symbolic links anywhere, and files with other
-    names elsewhere (hard links) outside `checkpoints/` (whose writes replace names, never write in place)."""
-    found, seen = [], 0
+    """The entries of `folder` a write would follow out of it: symbolic links to anywhere else (W&B links its
+    latest run inside the folder), and files with other names elsewhere (hard links) outside `checkpoints/`
+    (whose writes replace names, never write in place)."""
+    found, seen, inside = [], 0, Path(os.path.realpath(folder))
     for root, dirs, files in os.walk(folder, followlinks=False):
         for name in dirs + files:
             seen += 1
             path = Path(root) / name
             mode = os.lstat(path)
             in_checkpoints = path.relative_to(folder).parts[0] == "checkpoints"
-            if stat.S_ISLNK(mode.st_mode) or (stat.S_ISREG(mode.st_mode) and mode.st_nlink > 1 and not in_checkpoints):
+            outward = stat.S_ISLNK(mode.st_mode) and not Path(os.path.realpath(path)).is_relative_to(inside)
+            if outward or (stat.S_ISREG(mode.st_mode) and mode.st_nlink > 1 and not in_checkpoints):
                 found.append(str(path.relative_to(folder)))
         if seen > limit:
             raise RunFolderError(f"{folder} holds more than {limit} files: it is no run folder of ours")
