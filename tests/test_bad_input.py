@@ -115,6 +115,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ("a value of another type", lambda t: ["optimizer.lr=x"], ["optimizer.lr='x'", "float"]),
     ("a value the optimizer refuses", lambda t: ["optimizer.lr=-1"], ["optimizer", "Invalid learning rate"]),
     ("a fusion that does not exist", lambda t: ["model.fusion=evil"], ["model.fusion='evil'", "reweight"]),
+    (
+        "a cool-down as long as the run",
+        lambda t: ["scheduler.cooldown_epochs=2", "trainer.max_epochs=2"],
+        ["scheduler:", "cooldown_epochs=2", "max_epochs=2"],
+    ),
 ]
 
 

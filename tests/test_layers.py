@@ -11,9 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dynamixer"
 # top-level module or sub-package -> its layer; a module may import its own sub-package and lower layers
 LAYERS = {
     **dict.fromkeys(["errors", "lightning_internals"], 0),
-    **dict.fromkeys(["utils", "signals", "checkpoint_io", "loggers", "schedules"], 1),
+    **dict.fromkeys(["utils", "signals", "checkpoint_io", "loggers", "schedules", "schema", "bounded"], 1),
     **dict.fromkeys(["models", "data", "visualize"], 2),
     **dict.fromkeys(["lit_module", "callbacks", "sweep"], 3),
+    "checkpoint_reader": 3.5,  # the door of checkpoints: below the run layer, above what it validates against
     "run": 4,
 }
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)

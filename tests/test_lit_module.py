@@ -493,3 +493,11 @@ def test_debug_overfit_drives_the_training_loss_of_a_few_batches_down(tmp_path) 
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
     assert len(losses) == 15 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_cool_down_within_the_runs_length_builds(tmp_path) -> None:
+    """The schedule is dry-built over the trainer's own length: a cool-down the run's epochs hold is accepted."""
+    from dynamixer.run import build
+    from helpers import compose_job_config
+
+    build(compose_job_config(["scheduler.cooldown_epochs=10", "trainer.max_epochs=12"], tmp_path))

@@ -132,10 +132,14 @@ def test_a_run_folder_holding_links_is_refused_and_nothing_is_written_through_th
 
 
 def test_links_that_stay_inside_the_run_folder_resume(digits_run: Path, tmp_path: Path, entry) -> None:
-    """W&B links its latest run and logs inside the run folder (`wandb/latest-run`): writes stay in the folder."""
+    """Links within the run folder keep writes in it; W&B's folder is its own (its latest run, its logs linked to
+    the user's cache)."""
     folder = run_dir(tmp_path, "r")
     shutil.copytree(digits_run, folder)
-    (folder / "wandb" / "run-1" / "logs").mkdir(parents=True)
+    (folder / "csv" / "latest.csv").symlink_to("metrics.csv")
+    (folder / "wandb").mkdir()
+    (folder / "wandb" / "debug-core.log").symlink_to(tmp_path / "cache-of-wandb.log")
+    (folder / "wandb" / "run-1" / "logs").mkdir(parents=True)  # W&B's own links
     (folder / "wandb" / "run-1" / "logs" / "debug.log").write_text("")
     (folder / "wandb" / "latest-run").symlink_to("run-1", target_is_directory=True)
     (folder / "wandb" / "debug.log").symlink_to(folder / "wandb" / "run-1" / "logs" / "debug.log")

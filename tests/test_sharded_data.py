@@ -305,6 +305,11 @@ def test_the_converter_refuses_a_folder_that_holds_files_and_bad_sizes(shard_set
     assert "is not empty" in capsys.readouterr().err
     assert convert_main([str(shard_sets["folder"]), str(tmp_path / "o"), "--to", "wds", "--shard-size", "lots"]) == 2
     assert "--shard-size=lots: give a size such as 500MB" in capsys.readouterr().err
+    assert (
+        convert_main([str(shard_sets["folder"]), str(tmp_path / "o"), "--to", "wds", "--shard-size", "0.0000001KB"])
+        == 2
+    )
+    assert "--shard-size=0.0000001KB: give a size such as 500MB" in capsys.readouterr().err
     assert convert_main([str(tmp_path / "none"), str(tmp_path / "o"), "--to", "parquet"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

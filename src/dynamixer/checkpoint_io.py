@@ -146,22 +146,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO for our checkpoints. A save is complete or not there (`atomic_torch_save`), the
     previous checkpoint of the same name staying until the new one is complete, and carries `run_id`, the run
     it belongs to (`dynamixer.run.run_folder`). A load goes through our one reader
-    (`dynamixer.checkpoint_reader`); `resumed=(path, checkpoint)`, already read by it, is not read again. A
+    (`dynamixer.checkpoint_reader`, given as `reader`); `resumed=(path, checkpoint)`, already read by it, is
+    not read again. A
     removal removes only a file of a folder this IO has saved into, never a folder or a URL (the paths to
     remove come from the callbacks' state, which came from a file)."""
 
-    def __init__(self, run_id: str | None = None, resumed: tuple[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str | None = None,
+        resumed: tuple[str, dict[str, Any]] | None = None,
+        reader: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
-        self.run_id, self._resumed = run_id, resumed
+        self.run_id, self._resumed, self._read = run_id, resumed, reader
         self._folders: set[Path] = set()
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
         if self._resumed is not None and str(path) == self._resumed[0]:
             checkpoint, self._resumed = self._resumed[1], None
             return checkpoint
-        from dynamixer.checkpoint_reader import read_checkpoint
-
-        return read_checkpoint(path)
+        if self._read is None:
+            raise RuntimeError(f"{type(self).__name__} was given no reader of checkpoints: it cannot load {path}")
+        return self._read(str(path))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:

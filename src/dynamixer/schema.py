@@ -38,12 +38,11 @@ Init = Annotated[T, Role.INIT]
 @cache
 def annotations(target: Callable[..., Any]) -> dict[str, Any]:
     """The annotation of each keyword parameter of `target`: a function, or a class (its `__init__`s along the
-    classes it passes `**kwargs` to); the model factory passes them on to the DynaMixer model."""
-    if getattr(target, "__qualname__", "") == "create_model" and target.__module__.startswith("dynamixer."):
-        from dynamixer.models import DynaMixer
-
+    classes it passes `**kwargs` to, or the class a factory names as `passes_kwargs_to`)."""
+    passes_to = getattr(target, "passes_kwargs_to", None)  # a factory whose **kwargs build this class
+    if passes_to is not None:
         # timm.create_model drops arguments given as None: the variant's own value
-        return {**{k: hint | None for k, hint in annotations(DynaMixer).items()}, **_hints([target])}
+        return {**{k: hint | None for k, hint in annotations(passes_to).items()}, **_hints([target])}
     if inspect.isclass(target):
         return _hints([c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)])
     return _hints([target])

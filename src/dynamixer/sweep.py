@@ -14,6 +14,7 @@ import io
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dynamixer.bounded import load_yaml, parse_yaml, read_text
-from dynamixer.errors import DataError, MissingPathError
+from dynamixer.errors import EXIT_USER_ERROR, DataError, MissingPathError, UserError
 from dynamixer.utils.results import RESULTS_FILE, write_file
 from dynamixer.utils.tracking import REPLICATE_KEY
 
@@ -267,10 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a multirun folder, e.g. logs/train/multiruns/<run_name>")
     parser.add_argument("--metric", default=None, help="metric to plot (default: the runs' monitored metric)")
     args = parser.parse_args(argv)
-    from dynamixer.run.cli import exit_on_user_error
-
-    with exit_on_user_error():
+    try:
         paths = summarize(args.sweep_dir, args.metric)
+    except UserError as err:  # one message, as the entry points give it
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     print(paths["table"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
 

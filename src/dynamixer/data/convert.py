@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())
     size = int(float(found[1]) * _UNITS[found[2]]) if found else 0
     if size < 1:
-        raise DataError(f"--shard-size={text}: give a size of a byte or more, such as 500MB or 1GB")
+        raise DataError(f"--shard-size={text}: give a size such as 500MB or 1GB (a byte or more)")
     return size
 
 

@@ -331,6 +331,9 @@ class DynaMixerStage(nn.Module):
         return self.blocks(x)
 
 
+MAX_SIZE = 2**20  # any width, depth or size beyond it is no model of this family (and would overflow its tensors)
+
+
 def _per_stage(name: str, value, n: int = NUM_STAGES) -> list:
     """One value for all stages, or a per-stage list of length `n`."""
     if isinstance(value, (int, float, bool)):
@@ -434,9 +437,21 @@ class DynaMixer(nn.Module):
         segments = _per_stage("segments", segments)
         reduced_dim = _per_stage("reduced_dim", reduced_dim)
         mlp_ratio = _per_stage("mlp_ratio", mlp_ratio)
-        for name, values in (("segments", segments), ("reduced_dim", reduced_dim)):
-            if any(not isinstance(v, int) or v < 1 for v in values):
-                raise ConfigError(f"{name}={values}: each stage needs a positive integer {name}")
+        sizes = (("layers", layers), ("embed_dims", embed_dims), ("segments", segments), ("reduced_dim", reduced_dim))
+        for name, values in sizes:
+            if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE for v in values):
+                raise ConfigError(f"{name}={values}: each stage needs a positive integer {name} (at most {MAX_SIZE})")
+        if any(not isinstance(v, (int, float)) or not 0 < v <= MAX_SIZE for v in mlp_ratio):
+            raise ConfigError(f"mlp_ratio={mlp_ratio}: each stage needs a positive ratio")
+        for name, value, least in (
+            ("patch_size", patch_size, 1),
+            ("in_chans", in_chans, 1),
+            ("num_classes", num_classes, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_SIZE:
+                raise ConfigError(f"{name}={value}: give an integer from {least} to {MAX_SIZE}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE for v in to_2tuple(img_size)):
+            raise ConfigError(f"img_size={img_size}: give a positive image size (at most {MAX_SIZE})")
         for i, (dim, s) in enumerate(zip(embed_dims, segments)):
             if dim % s:
                 raise ConfigError(

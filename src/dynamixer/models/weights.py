@@ -154,3 +154,6 @@ def create_model(
     if pretrained_file is not None:
         load_pretrained_file(model, pretrained_file, pretrained_weights)
     return model
+
+
+create_model.passes_kwargs_to = DynaMixer  # the settings the model configs give (dynamixer.schema)

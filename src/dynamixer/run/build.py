@@ -71,7 +71,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     stand_in = dry_build("optimizer", lambda: optimizer(params=[torch.zeros(1, requires_grad=True)]))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     if scheduler is not None:
-        dry_build("scheduler", lambda: scheduler(stand_in, steps_per_epoch=1, max_epochs=1))
+        epochs = cfg.trainer.get("max_epochs") if cfg.get("trainer") else None
+        length = epochs if isinstance(epochs, int) and epochs >= 1 else 1  # as the module builds it
+        dry_build("scheduler", lambda: scheduler(stand_in, steps_per_epoch=1, max_epochs=length))
     datamodule = instantiate_checked(cfg.data)
     if datamodule.num_classes < 2:
         raise DataError(

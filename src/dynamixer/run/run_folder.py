@@ -42,11 +42,14 @@ def _what_it_holds(folder: Path) -> str:
 
 
 def links_in(folder: Path, limit: int = 1_000_000) -> list[str]:
-    """The entries of `folder` a write would follow out of it: symbolic links to anywhere else (W&B links its
-    latest run inside the folder), and files with other names elsewhere (hard links) outside `checkpoints/`
-    (whose writes replace names, never write in place)."""
+    """The entries of `folder` a write would follow out of it: symbolic links to anywhere else, and files with
+    other names elsewhere (hard links) outside `checkpoints/` (whose writes replace names, never write in
+    place). `wandb/` is W&B's own: it links its latest run there and its logs to the user's cache, and makes
+    each run's files anew."""
     found, seen, inside = [], 0, Path(os.path.realpath(folder))
     for root, dirs, files in os.walk(folder, followlinks=False):
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if d != "wandb"]
         for name in dirs + files:
             seen += 1
             path = Path(root) / name

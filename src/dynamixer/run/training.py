@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynamixer import signals
 from dynamixer.callbacks import MetricsHistory, RebuildSchedule
 from dynamixer.checkpoint_io import AtomicCheckpointIO
-from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit
+from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit, read_checkpoint
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.lightning_internals import launched_ranks
 from dynamixer.run.build import build, check_sections, instantiate_checked, model_size
@@ -222,7 +222,9 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         callbacks.append(RebuildSchedule(extended))
     loggers = [instantiate_checked(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # every checkpoint is written whole or not at all, whatever the trainer config's own plugins
-    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO(run_id, resumed)]
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [
+        AtomicCheckpointIO(run_id, resumed, read_checkpoint)
+    ]
     trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
