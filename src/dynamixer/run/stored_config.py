@@ -106,10 +106,7 @@ def options(section: str) -> dict[str, dict[str, Any]]:
 def _settings_of(target: str) -> set[str]:
     """The keyword arguments a target of ours takes that are run settings (for the model factory: the model's)."""
     built = get_object(target)
-    if target == "dynamixer.models.create_model":
-        from dynamixer.models import DynaMixer
-
-        built = DynaMixer
+    built = getattr(built, "passes_kwargs_to", built)  # the model factory: the model's settings
     params = inspect.signature(built).parameters.values()
     plain_default = (type(None), bool, int, float, str, tuple)
     return {
