@@ -355,20 +355,39 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
     return model
 
 
-def signal_at_last_validation_batch():
-    """A test-only callback: SIGTERM to its own process as the last batch of the first validation after training
-    began starts (the moment a stop meets the epoch's end)."""
+EPOCH_END_MOMENTS = ("last_training_step", "last_validation_batch", "validation_end", "train_epoch_end")
+
+
+def signal_at(moment: str):
+    """A test-only callback: SIGTERM to its own process at one moment around the end of the first training
+    epoch (`EPOCH_END_MOMENTS`): after its last optimizer step, as its last validation batch starts, as its
+    validation ends, or as the epoch ends (after the epoch-end checkpoint callbacks' hooks)."""
     import signal as signals
 
     import lightning as L
 
-    class SignalAtLastValidationBatch(L.Callback):
+    class SignalAt(L.Callback):
         sent = False
 
-        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            last = batch_idx + 1 == trainer.num_val_batches[dataloader_idx]
-            if last and not trainer.sanity_checking and not self.sent:
+        def send(self, trainer) -> None:
+            if not self.sent and not trainer.sanity_checking:
                 self.sent = True
                 os.kill(os.getpid(), signals.SIGTERM)
 
-    return SignalAtLastValidationBatch()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if moment == "last_training_step" and batch_idx + 1 == trainer.num_training_batches:
+                self.send(trainer)
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if moment == "last_validation_batch" and batch_idx + 1 == trainer.num_val_batches[dataloader_idx]:
+                self.send(trainer)
+
+        def on_validation_end(self, trainer, pl_module):
+            if moment == "validation_end":
+                self.send(trainer)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if moment == "train_epoch_end":
+                self.send(trainer)
+
+    return SignalAt()

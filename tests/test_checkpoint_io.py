@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,41 @@ from dynamixer.errors import CheckpointError
 from dynamixer.run.checkpoints import resume_checkpoint
 from dynamixer.utils.results import write_results
 
-# a child that saves ever larger steps of a real checkpoint with a 64 MB state through the real writer, until it
-# is killed
+# a child that makes saves 1, 2, ... of a real checkpoint through the real writer and is killed (SIGKILL, by
+# itself) at one point of save `kill_in`: each point a fault-injection hook, so the kill lands exactly there
 WRITER = """
-import sys, torch
-from dynamixer.checkpoint_io import AtomicCheckpointIO
-io, path, step, ours = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2]), torch.load(sys.argv[3], weights_only=True)
-while True:
-    step += 1
-    io.save_checkpoint({**ours, "global_step": step, "w": torch.full((16 * 2**20,), float(step))}, path)
-    print(step, flush=True)
+import os, signal, sys, torch
+from dynamixer import checkpoint_io as cio
+path, ours, kill_in, point = sys.argv[1], torch.load(sys.argv[2], weights_only=True), int(sys.argv[3]), sys.argv[4]
+die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+io = cio.AtomicCheckpointIO()
+for step in range(1, kill_in):
+    io.save_checkpoint({**ours, "global_step": step, "w": torch.full((2**20,), float(step))}, path)
+if point == "writing":  # in the middle of the bytes of the new file
+    write, written = cio._Writes.write, []
+    cio._Writes.write = lambda self, data: (written.append(1), len(written) == 3 and die(), write(self, data))[2]
+elif point == "kept":  # the replaced file kept as last.prev.ckpt, the new one not yet named
+    keep = cio._keep_previous
+    cio._keep_previous = lambda target: (keep(target), die())
+elif point == "named":  # the new file named (a hidden temporary name), not yet renamed over last.ckpt
+    replace = os.replace
+    os.replace = lambda a, b: die() if str(b) == path else replace(a, b)
+elif point == "renamed":  # in place, the folder not yet synced
+    cio._fsync_folder = die
+io.save_checkpoint({**ours, "global_step": kill_in, "w": torch.full((2**20,), float(kill_in))}, path)
 """
+
+# (save killed, point) -> the steps last.ckpt and last.prev.ckpt then hold (None: absent)
+LEFT = {
+    (1, "writing"): (None, None),
+    (1, "named"): (None, None),
+    (2, "writing"): (1, None),  # the second save of a run, killed before it kept the first: no previous yet
+    (2, "kept"): (1, 1),
+    (3, "writing"): (2, 1),
+    (3, "kept"): (2, 2),
+    (3, "named"): (2, 2),
+    (3, "renamed"): (3, 2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +66,27 @@ def auto_resume(output_dir: Path) -> str | None:
     return found and found[0]
 
 
-def test_kills_during_real_writes_leave_whole_checkpoints_and_no_temporary_file_after_a_restart(
-    tmp_path: Path, digits_run: Path
+def saved_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["w"], torch.full((2**20,), float(state["global_step"])))  # whole
+    return state["global_step"]
+
+
+@pytest.mark.parametrize(("kill_in", "point"), list(LEFT), ids=[f"save{k}-{p}" for k, p in LEFT])
+def test_a_kill_at_each_point_of_a_save_leaves_whole_checkpoints_and_a_restart_removes_the_rest(
+    kill_in: int, point: str, tmp_path: Path, digits_run: Path
 ) -> None:
     folder = tmp_path / "checkpoints"
     path = folder / "last.ckpt"
-    rng, step = random.Random(0), 0
-    for _ in range(4):
-        command = [sys.executable, "-c", WRITER, str(path), str(step), str(digits_run / "checkpoints" / "last.ckpt")]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one save of this process is complete
-        time.sleep(rng.uniform(0.0, 0.5))  # then somewhere in a later one: a save takes about that long
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        state = torch.load(path, weights_only=True)
-        step = state["global_step"]
-        assert torch.equal(state["w"], torch.full((16 * 2**20,), float(step)))
-        # a kill while the replaced `last.prev.ckpt` is freed (the rename that drops it) can leave one hidden
-        # temporary name; what a restarted run does first removes it, and resumes the newest checkpoint
-        assert auto_resume(tmp_path) == str(path)
-        assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
-        if step == 1 and not previous_path(path).exists():
-            continue  # killed in the second save before it kept the first: no previous state exists yet
-        # the file it replaced is whole too: the state before (or the same one, when the kill came between
-        # keeping it and putting the new one in place)
-        assert torch.load(previous_path(path), weights_only=True)["global_step"] in (step - 1, step)
+    command = [sys.executable, "-c", WRITER, str(path), str(digits_run / "checkpoints" / "last.ckpt")]
+    proc = subprocess.run([*command, str(kill_in), point], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # killed at that point, not before or after
+    assert (saved_step(path), saved_step(previous_path(path))) == LEFT[kill_in, point]
+    # what a restarted run does first removes a hidden temporary name, and resumes the newest checkpoint
+    assert auto_resume(tmp_path) == (str(path) if LEFT[kill_in, point][0] else None)
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog, ours: dict) -> None:

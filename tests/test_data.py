@@ -38,7 +38,7 @@ def train_only(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
     dm = DigitsDataModule(batch_size=32)
-    dm.setup("fit")
+    dm.setup()
     return dm
 
 

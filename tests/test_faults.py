@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import (
+    EPOCH_END_MOMENTS,
     differing,
     finish,
     read_checkpoint,
@@ -128,22 +129,39 @@ def test_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_run(
     assert differing(straight, training_state(run_dir / "checkpoints" / "last.ckpt")) == []
 
 
-def test_a_signal_at_an_epoch_s_last_validation_batch_stops_there_and_the_resume_trains_on_exactly(
-    tmp_path: Path,
+@pytest.fixture(scope="module")
+def validated_straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted two-epoch run the epoch-end stops are compared with."""
+    cwd = tmp_path_factory.mktemp("straight")
+    finish(start(cwd, *VALIDATED, "run_name=straight"))
+    return cwd / "logs/train/runs/straight"
+
+
+VALIDATED = ["trainer.max_epochs=2", "trainer.limit_val_batches=2"]
+
+
+@pytest.mark.parametrize("moment", EPOCH_END_MOMENTS)
+def test_a_signal_around_an_epoch_s_end_stops_at_its_last_step_and_the_resume_trains_on_exactly(
+    moment: str, validated_straight: Path, tmp_path: Path
 ) -> None:
-    """A stop decided in the validation that closes an epoch is saved at that epoch's last step; the resumed run
-    trains the next epoch as the uninterrupted run did."""
-    validated = ["trainer.max_epochs=2", "trainer.limit_val_batches=2"]
-    finish(start(tmp_path, *validated, "run_name=straight"))
+    """A stop that meets an epoch's end (after its last step, in or after the validation that closes it, as it
+    ends; each moment made to happen by a callback that signals there) is saved at that epoch's last step; the
+    resumed run trains the next epoch as the uninterrupted run did, to the same weights."""
     run_dir = tmp_path / "logs/train/runs/pre"
-    signal_at = "+callbacks.signal_at._target_=helpers.signal_at_last_validation_batch"
-    finish(start(tmp_path, *validated, "run_name=pre", signal_at), expect=128 + signal.SIGTERM)
+    signal_at = ["+callbacks.signal_at._target_=helpers.signal_at", f"+callbacks.signal_at.moment={moment}"]
+    finish(start(tmp_path, *VALIDATED, "run_name=pre", *signal_at), expect=128 + signal.SIGTERM)
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == STEPS_PER_EPOCH
 
-    finish(start(tmp_path, *validated, "run_name=pre", "ckpt_path=auto"))
-    assert step_losses(run_dir) == step_losses(tmp_path / "logs/train/runs/straight")
-    straight = training_state(tmp_path / "logs/train/runs/straight/checkpoints/last.ckpt")
+    finish(start(tmp_path, *VALIDATED, "run_name=pre", "ckpt_path=auto"))
+    assert step_losses(run_dir) == step_losses(validated_straight)
+    straight = training_state(validated_straight / "checkpoints" / "last.ckpt")
     assert differing(straight, training_state(run_dir / "checkpoints" / "last.ckpt")) == []
+    assert validated_steps(run_dir) == validated_steps(validated_straight)  # each epoch once, at its last step
+
+
+def validated_steps(run_dir: Path) -> list[str]:
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [row["step"] for row in csv.DictReader(f) if row.get("val/loss")]
 
 
 def training_rows(run_dir: Path) -> list[dict]:

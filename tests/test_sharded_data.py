@@ -169,9 +169,9 @@ def test_wds_epochs_repeat_from_seed_and_epoch_and_a_resume_continues_at_the_sav
 
 def test_wds_resume_refuses_another_worker_count(shard_sets) -> None:
     dm = WebDataModule(str(shard_sets["wds"]), **{**SMALL, "num_workers": 2})
-    dm.load_state_dict({"epoch": 1, "batches": 2, "batch_size": 4, "world_size": 1, "num_workers": 0})
+    state = {"epoch": 1, "batches": 2, "batch_size": 4, "world_size": 1, "num_workers": 0, "data": dm.identity()}
     with pytest.raises(ConfigError, match="data.num_workers=0"):
-        dm.train_dataloader()
+        dm.load_state_dict(state)
 
 
 def test_wds_reads_only_the_shards_its_info_lists(shard_sets, tmp_path: Path) -> None:

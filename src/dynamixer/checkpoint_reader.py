@@ -103,6 +103,7 @@ Number = StrictInt | StrictFloat
 Text = Annotated[StrictStr, Field(max_length=4096)]
 Name = Annotated[StrictStr, Field(max_length=1024)]
 RunId = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{32}$")]
+Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 def _tensor(dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None, scalar: bool = False) -> Any:
@@ -172,6 +173,7 @@ class DataPosition(_Strict):
     batch_size: Positive
     world_size: Positive
     num_workers: Count | None = None  # data=wds: its shards are dealt to ranks x workers streams
+    data: Annotated[dict[Name, Digest], Field(max_length=1_000_000)]  # `dynamixer.data.identity`
 
 
 class CheckpointCallbackState(_Strict):

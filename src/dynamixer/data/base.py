@@ -12,6 +12,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
+from dynamixer.data.identity import differences
 from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError, SharedDataError
@@ -135,6 +136,7 @@ class ClassificationDataModule(LightningDataModule, ABC):
         self.train_aug = aug
         self.seed = int(seed)
         self._resume: dict[str, Any] | None = None
+        self._identity: dict[str, str] | None = None
         common = dict(crop_pct=self.crop_pct, interpolation=interpolation, mean=self.mean, std=self.std)
         self._train_tf = build_transform(self.img_size, True, **common, **aug)
         self._eval_tf = build_transform(self.img_size, False, **common)
@@ -154,12 +156,24 @@ class ClassificationDataModule(LightningDataModule, ABC):
     def _build_datasets(self) -> tuple[Dataset, Dataset]:
         """Return ``(train, val)`` datasets using ``self._train_tf`` / ``self._eval_tf``."""
 
+    @abstractmethod
+    def _content(self) -> dict[str, str]:
+        """The data set's identity (`dynamixer.data.identity`): names relative to it -> content digests."""
+
+    def identity(self) -> dict[str, str]:
+        """The data set's identity by content, made once."""
+        if self._identity is None:
+            self._identity = self._content()
+        return self._identity
+
     def eval_transform(self):
         """The evaluation transform: PIL image -> ``(3, img_size, img_size)`` tensor."""
         return self._eval_tf
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
+        """Builds the datasets. Lightning's call (`stage` given) comes before a resume's checkpoint state and
+        leaves them to the first loader, so that a resume compares the data before reading it."""
+        if stage is None and self.train_set is None:
             self.train_set, self.val_set = self._build_datasets()
 
     def _loader_args(self) -> dict[str, Any]:
@@ -196,7 +210,6 @@ class ClassificationDataModule(LightningDataModule, ABC):
             )
         sampler = ResumableSampler(self.train_set, num_replicas=world_size, rank=rank, seed=self.seed)
         if self._resume is not None:
-            self._check_resume(self._resume, world_size)
             sampler.set_epoch(self._resume["epoch"])
             sampler.start = self._resume["batches"] * self.batch_size
             self._resume = None
@@ -204,17 +217,25 @@ class ClassificationDataModule(LightningDataModule, ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the data, for a checkpoint: the epoch and how many of its batches are
-        trained, with the batch size and rank count that define those batches."""
+        trained, with the batch size and rank count that define those batches, and the data's identity."""
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return {}
         epoch, batches = trainer.current_epoch, batches_done(trainer)
         if batches >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts
             epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "world_size": trainer.world_size}
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "batch_size": self.batch_size,
+            "world_size": trainer.world_size,
+            "data": self.identity(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) or None
+        if self._resume is not None:
+            self._check_resume(self._resume, self._ranks()[0])
 
     def _check_resume(self, state: Mapping[str, Any], world_size: int) -> None:
         saved, now = (state["batch_size"], state["world_size"]), (self.batch_size, world_size)
@@ -225,6 +246,14 @@ class ClassificationDataModule(LightningDataModule, ABC):
                 f"schedule would differ. Resume with data.batch_size={saved[0]} and {saved[1]} device(s) in all "
                 "(trainer.devices x trainer.num_nodes), or start a new run from its weights."
             )
+        differ = differences(state["data"], self.identity())
+        stop_together(
+            f"the data is not the data set this run trained on: {differ} (by content, wherever it lies). A "
+            "resume trains on the data it started with: point the data options at that data set, or start a new "
+            "run (a new run folder) to train on this one"
+            if differ
+            else None
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from dynamixer.data.base import ClassificationDataModule, InMemoryImages
+from dynamixer.data.identity import digest_of
 from dynamixer.errors import DataError
 
 NUM_IMAGES = 1797  # in scikit-learn's digits
@@ -64,6 +65,10 @@ class DigitsDataModule(ClassificationDataModule):
     @property
     def class_names(self) -> list[str]:
         return [str(d) for d in self.digits]
+
+    def _content(self) -> dict[str, str]:
+        digits = load_digits()
+        return {"digits": digest_of([digits.images.tobytes(), digits.target.tobytes()])}
 
     def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
         digits = load_digits()

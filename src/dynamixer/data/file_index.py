@@ -2,10 +2,12 @@
 
 Listing ImageNet's 1.28M files takes minutes on a network file system, and every rank of every restart
 did it again. A `FileIndex` records each folder walked under a split (its modification time, its
-subfolders, its image files and their sizes) with a digest of the whole. It is written once (rank 0 of
-the first start) and read back afterwards: a restart only stats the folders (about 2,000 for ImageNet),
-lists again only those whose time changed (a copy of the data to a node's local disk: all of them, once),
-and lets the caller refuse, naming the folder, a listing that differs from the one the run started with.
+subfolders, its image files with their sizes and content digests) with a digest of the whole. It is
+written once (rank 0 of the first start) and read back afterwards: a restart only stats the folders
+(about 2,000 for ImageNet), lists again only those whose time changed (a copy of the data to a node's
+local disk: all of them, once), and lets the caller refuse, naming the folder, a listing that differs
+from the one the run started with. The content digests make the data set's identity
+(`dynamixer.data.identity`), which a resume compares.
 
 The index file is read as plain data: gzip-compressed JSON, its size bounded, every name checked to stay
 inside the split's folder.
@@ -24,17 +26,19 @@ from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from dynamixer.data.identity import IMAGE_EDGE, digest_of, file_digests
 from dynamixer.errors import DataError
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 _MAX_BYTES = 256 << 20  # the decompressed index of ImageNet is ~60 MB; more is not an index of ours
 _LISTED = 5  # differing folders named in a message
 
-Folder = dict[str, Any]  # {"mtime_ns": int, "dirs": [name, ...], "files": [[name, size], ...]}
+Folder = dict[str, Any]  # {"mtime_ns": int, "dirs": [name, ...], "files": [[name, size, digest], ...]}
 
 
 def _list_folder(path: str) -> Folder:
-    """One folder's entry: its time, subfolders (following symlinks) and image files, sorted."""
+    """One folder's entry: its time, subfolders (following symlinks) and image files with their sizes and
+    content digests, sorted."""
     dirs, files = [], []
     with os.scandir(path) as entries:
         for entry in entries:
@@ -43,7 +47,10 @@ def _list_folder(path: str) -> Folder:
                     dirs.append(entry.name)
             elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
                 files.append([entry.name, entry.stat().st_size])
-    return {"mtime_ns": os.stat(path).st_mtime_ns, "dirs": sorted(dirs), "files": sorted(files)}
+    files.sort()
+    digests = file_digests([os.path.join(path, name) for name, _ in files], IMAGE_EDGE)
+    files = [[name, size, digest] for (name, size), digest in zip(files, digests)]
+    return {"mtime_ns": os.stat(path).st_mtime_ns, "dirs": sorted(dirs), "files": files}
 
 
 def scan(root: str | os.PathLike) -> dict[str, Folder]:
@@ -72,7 +79,7 @@ def images_under(folders: dict[str, Folder], rel: str) -> Iterator[str]:
     if entry is None:  # a folder the walk skipped: a second link to one already listed
         return
     prefix = f"{rel}/" if rel else ""
-    yield from (prefix + name for name, _ in entry["files"])
+    yield from (prefix + name for name, *_ in entry["files"])
     for name in entry["dirs"]:
         yield from images_under(folders, prefix + name)
 
@@ -110,9 +117,13 @@ def _check_folder(rel: Any, entry: Any) -> bool:
     dirs, files = entry.get("dirs"), entry.get("files")
     if not isinstance(dirs, list) or not isinstance(files, list) or not _plain_names(dirs):
         return False
-    if not all(type(f) is list and len(f) == 2 for f in files):
+    if not all(type(f) is list and len(f) == 3 and type(f[1]) is int and _is_digest(f[2]) for f in files):
         return False
-    return _plain_names([f[0] for f in files]) and all(type(f[1]) is int for f in files)
+    return _plain_names([f[0] for f in files])
+
+
+def _is_digest(value: Any) -> bool:
+    return type(value) is str and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
 class FileIndex:
@@ -130,7 +141,7 @@ class FileIndex:
         return {
             split: (
                 sum(len(f["files"]) for f in folders.values()),
-                sum(s for f in folders.values() for _, s in f["files"]),
+                sum(s for f in folders.values() for _, s, _ in f["files"]),
             )
             for split, folders in self.splits.items()
         }
@@ -172,10 +183,20 @@ class FileIndex:
             raise damaged
         return cls(splits)
 
+    def identity(self) -> dict[str, str]:
+        """Each listed folder (`split/relative path`) -> a digest of its subfolders and files with their
+        content digests: the data set's identity (`dynamixer.data.identity`)."""
+        return {
+            _named(split, rel): digest_of([*entry["dirs"], *map(tuple, entry["files"])])
+            for split, folders in self.splits.items()
+            for rel, entry in folders.items()
+        }
+
     def refresh(self, roots: dict[str, Path]) -> tuple[bool, list[str]]:
         """Check the index against the folders: each folder whose time changed is listed again and must hold
-        the same subfolders and files (name and size); its new time is kept. Returns whether any time changed
-        (the index should be written again) and the folders that differ, each with what it held and holds."""
+        the same subfolders and files (name, size and content digest); its new time is kept. Returns whether
+        any time changed (the index should be written again) and the folders that differ, each with what it held
+        and holds."""
         changed, differ = False, []
         for split, folders in self.splits.items():
             for rel, entry in folders.items():
@@ -188,9 +209,12 @@ class FileIndex:
                     differ.append(f"{_named(split, rel)}: missing")
                     continue
                 if now["dirs"] != entry["dirs"] or now["files"] != entry["files"]:
+                    counts = [(len(e["files"]), len(e["dirs"])) for e in (entry, now)]
                     differ.append(
-                        f"{_named(split, rel)}: {len(entry['files'])} images and {len(entry['dirs'])} folders then, "
-                        f"{len(now['files'])} and {len(now['dirs'])} now"
+                        f"{_named(split, rel)}: {counts[0][0]} images and {counts[0][1]} folders then, "
+                        f"{counts[1][0]} and {counts[1][1]} now"
+                        if counts[0] != counts[1]
+                        else f"{_named(split, rel)}: other images under the same names"
                     )
                 entry["mtime_ns"], changed = now["mtime_ns"], True
         return changed, differ

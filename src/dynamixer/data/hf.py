@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from dynamixer.bounded import read_text
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule, rank_zero_first
+from dynamixer.data.identity import SHARD_EDGE, digest_of, file_digests
 from dynamixer.data.images import load_rgb
 from dynamixer.errors import DataError
 from dynamixer.schema import Location
@@ -200,6 +201,19 @@ class HFDataModule(ClassificationDataModule):
         if not opened:
             convert()
         return opened
+
+    def _content(self) -> dict[str, str]:
+        """The parquet files, or the Arrow files of a save_to_disk folder (`datasets` names them in each split's
+        state.json, checked by `_check_saved_names`), by content; with the class names."""
+        if self._saved:
+            named = {
+                f"{name}/{Path(f['filename']).name}": f["filename"]
+                for name in self.splits.values()
+                for f in self._opened[name].cache_files
+            }
+        else:
+            named = {str(f.relative_to(self.data_dir)): str(f) for split in self._files.values() for f in split}
+        return {"classes": digest_of(self._classes), **dict(zip(named, file_digests(list(named.values()), SHARD_EDGE)))}
 
     def _build_datasets(self) -> tuple[EncodedImages, EncodedImages]:
         import pyarrow.compute

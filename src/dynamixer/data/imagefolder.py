@@ -22,6 +22,7 @@ from dynamixer.data.base import (
     stop_together,
 )
 from dynamixer.data.file_index import FileIndex, describe_differences, images_under
+from dynamixer.data.identity import WHOLE, file_digest
 from dynamixer.data.images import load_rgb
 from dynamixer.data.val_labels import SEARCHED, find_label_file, read_val_labels
 from dynamixer.errors import DataError
@@ -314,7 +315,7 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _flat_val_samples(self, index: FileIndex, label: dict[str, int]) -> list[tuple[str, int]]:
         root = self.data_dir / "val"
-        files = [name for name, _ in index.splits["val"][""]["files"]]
+        files = [name for name, *_ in index.splits["val"][""]["files"]]
         wnids = read_val_labels(self.val_labels, files)
         unlabelled = [f for f in files if os.path.splitext(f)[0] not in wnids]
         unknown = sorted({w for w in wnids.values() if w not in label})
@@ -332,7 +333,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         return self.class_names, self._samples(self._file_index())
 
     def _build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
-        samples = self._samples(self._file_index())
+        self._index = self._file_index()
+        samples = self._samples(self._index)
         datasets = tuple(
             CheckedImageFolder(
                 str(self.data_dir / split), self._classes, samples[split], tf, self.skip_corrupt, self.corrupt_log
@@ -342,6 +344,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         if self.verify:
             self._verify(datasets)
         return datasets
+
+    def _content(self) -> dict[str, str]:
+        self.setup()  # the listing, with each file's digest
+        labels = {} if self.val_labels is None else {"val labels": file_digest(self.val_labels, WHOLE)}
+        return {**self._index.identity(), **labels}
 
     def _verify(self, datasets: tuple[CheckedImageFolder, ...]) -> None:
         paths = [path for ds in datasets for path, _ in ds.samples]

@@ -46,6 +46,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from dynamixer.bounded import expand_braces
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
+from dynamixer.data.identity import SHARD_EDGE, digest_of, file_digests
 from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
 from dynamixer.errors import ConfigError, DataError
@@ -377,6 +378,11 @@ class WebDataModule(ClassificationDataModule):
     def class_names(self) -> list[str]:
         return list(self._classes)
 
+    def _content(self) -> dict[str, str]:
+        paths = [p for split in ("train", "val") for p in self._shards[split][0]]
+        classes = {"classes": digest_of(self._classes)}
+        return {**classes, **dict(zip((Path(p).name for p in paths), file_digests(paths, SHARD_EDGE)))}
+
     def _build_datasets(self) -> tuple[Any, TarSamples]:
         # the training streams are made per rank by its loader; the validation split is map-style
         return self._shards["train"], TarSamples(*self._shards["val"], self._eval_tf, self.num_classes)
@@ -417,7 +423,6 @@ class WebDataModule(ClassificationDataModule):
         trainer = self.trainer
         loader = self._epoch_loader(stream, lambda: epoch_being_trained(trainer) if trainer is not None else 0)
         if self._resume is not None:
-            self._check_resume(self._resume, world_size)
             loader.resume_at = self._resume["epoch"], self._resume["batches"]
             self._resume = None
         return loader
