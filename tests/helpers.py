@@ -358,10 +358,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 EPOCH_END_MOMENTS = ("last_training_step", "last_validation_batch", "validation_end", "train_epoch_end")
 
 
-def signal_at(moment: str):
-    """A test-only callback: SIGTERM to its own process at one moment around the end of the first training
-    epoch (`EPOCH_END_MOMENTS`): after its last optimizer step, as its last validation batch starts, as its
-    validation ends, or as the epoch ends (after the epoch-end checkpoint callbacks' hooks)."""
+def signal_at(moment: str, step: int = 0, signum: str = "SIGTERM"):
+    """A test-only callback: `signum` from rank 0 to its own process (as a user's `kill` reaches rank 0) at one
+    moment, made to happen there instead of in a window of time: `training_step` as optimizer step `step` starts,
+    or one of `EPOCH_END_MOMENTS` of the first training epoch (after its last optimizer step, as its last
+    validation batch starts, as its validation ends, as the epoch ends after the checkpoint callbacks)."""
     import signal as signals
 
     import lightning as L
@@ -370,9 +371,13 @@ def signal_at(moment: str):
         sent = False
 
         def send(self, trainer) -> None:
-            if not self.sent and not trainer.sanity_checking:
+            if not self.sent and not trainer.sanity_checking and trainer.global_rank == 0:
                 self.sent = True
-                os.kill(os.getpid(), signals.SIGTERM)
+                os.kill(os.getpid(), getattr(signals, signum))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if moment == "training_step" and trainer.global_step + 1 == step:
+                self.send(trainer)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if moment == "last_training_step" and batch_idx + 1 == trainer.num_training_batches:

@@ -33,6 +33,11 @@ from dynamixer.lightning_internals import (
 log = logging.getLogger(__name__)
 
 
+def _closes_epoch(trainer: L.Trainer) -> bool:
+    """Whether training is at the end of its epoch, or of its steps (`max_steps`)."""
+    return batches_done(trainer) >= trainer.num_training_batches or trainer.global_step == trainer.max_steps
+
+
 class StopOnSignal(Callback):
     """Acts on the stop signals while training: SIGTERM, Ctrl-C (SIGINT) and each signal in `requeue_on` stop
     training after the current optimizer step (or validation batch), with that exact step checkpointed
@@ -45,9 +50,11 @@ class StopOnSignal(Callback):
     One process decides after each, at no cost. Several ranks decide together (one all-reduce and a read of
     its result: a signal may reach one rank only), so they stop at the same step, after every
     `every_n_steps`-th optimizer step or validation batch, after the first step of each start (a signal
-    during start-up) and after each epoch's last step and max_steps; the steps in between read nothing
-    back. A handler never acts by itself (Lightning's SIGTERM handler broadcast from inside the handler,
-    wherever the rank was, and DDP runs hung in our tests).
+    during start-up) and as each epoch ends; the steps in between read nothing back. At an epoch's end (its
+    last step, or max_steps) the decision waits for the validation that closes it: the stop is saved at
+    that step with the epoch complete, its metrics and epoch-end checkpoints included. A handler never acts
+    by itself (Lightning's SIGTERM handler broadcast from inside the handler, wherever the rank was, and DDP
+    runs hung in our tests).
 
     `requeue_on` is for a cluster's warning before a time limit or pre-emption (SLURM's `--signal`; submitit
     asks for SIGUSR2): after such a stop `requeue_requested` is set, and the run layer requeues the job,
@@ -101,23 +108,32 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         step, stepped = trainer.global_step, trainer.global_step != self._last_step
         self._last_step = step
-        # the same steps on every rank (global_step and the epoch's batches are): a collective here meets the
-        # other ranks' one; the epoch's last step and max_steps too, so that no signal waits past the end
-        last = batches_done(trainer) >= trainer.num_training_batches or step == trainer.max_steps
-        if stepped and (
-            trainer.world_size == 1 or step % self.every_n_steps == 0 or step == self._start_step + 1 or last
-        ):
+        if _closes_epoch(trainer):
+            return  # decided as the epoch ends, after the validation that closes it
+        # the same steps on every rank (global_step is): a collective here meets the other ranks' one
+        if stepped and (trainer.world_size == 1 or step % self.every_n_steps == 0 or step == self._start_step + 1):
             self._stop_if_requested(trainer)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
     ) -> None:
-        done = batches_done(trainer)
-        accumulating = done % trainer.accumulate_grad_batches and done < trainer.num_training_batches
-        if trainer.state.fn != "fit" or accumulating:
-            return  # a validation inside gradient accumulation: the stop waits for the optimizer step
+        if (
+            trainer.state.fn != "fit"
+            or _closes_epoch(trainer)
+            or batches_done(trainer) % trainer.accumulate_grad_batches
+        ):
+            # the validation that closes an epoch runs to its end (seconds, where a kill gives tens): a stop cut
+            # into it would lose that epoch's metrics, which Lightning does not run again on a resume; one inside
+            # gradient accumulation waits for the optimizer step
+            return
         if trainer.world_size == 1 or (batch_idx + 1) % self.every_n_steps == 0:
             self._stop_if_requested(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # every rank ends the epoch together: after its last step, its validation and its metrics; Lightning
+        # stops once the epoch is complete, so the saved step is the epoch's last (and max_steps: no signal
+        # waits past the end)
+        self._stop_if_requested(trainer)
 
     def _stop_if_requested(self, trainer: L.Trainer) -> None:
         noted = signals.received()
