@@ -289,6 +289,24 @@ def test_scancel_stops_each_job_saved_ends_the_sweep_with_one_line_per_job_and_i
     assert "| 0 | 1 | finished |" in table and "| 1 | 2 | finished |" in table, table
 
 
+def test_a_stop_signal_to_the_waiting_launcher_ends_it_at_once_and_the_job_goes_on(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`train.py -m hardware=slurm_cpu` only waits for its jobs: a SIGTERM (`kill`, `timeout`) ends it at once
+    with 128 + 15 and a line saying the jobs go on; the job finishes on the cluster as if nothing happened."""
+    sweep = Sweep(slurm_cluster, tmp_path, "waiting")
+    sweep.wait_for("the job training", lambda: len(sweep.steps()) >= 2)
+    sweep.proc.send_signal(signal.SIGTERM)
+    out = sweep.output(timeout=20)
+    assert sweep.proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert f"stopped waiting for the jobs of {sweep.folder}" in out and "Traceback" not in out, out[-3000:]
+    end = time.monotonic() + 180
+    while _status(sweep) != "finished":
+        assert time.monotonic() < end, sweep.job_log()
+        time.sleep(0.5)
+    assert_finished_whole(sweep)
+
+
 def test_a_sweep_of_three_jobs_with_one_failing_finishes_the_other_two(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,23 @@ def received() -> list[signal.Signals]:
 def acted_on() -> None:
     """The noted signals are handled (a stop at a saved step): forget them."""
     _received.clear()
+
+
+def end_on_signal(message: str) -> None:
+    """From now on this process trains nothing (it waits on jobs that run elsewhere): a stop or requeue
+    signal ends it at once with 128 + its number, printing `message`; one noted before ends it now."""
+
+    def end(signum: int, frame: Any) -> None:
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in NOTED:
+            signal.signal(signum, end)
+    if _received:
+        first = _received[0]
+        acted_on()
+        end(first, None)
 
 
 def take_back() -> None:
