@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from dynamixer import signals
@@ -135,3 +137,16 @@ def _making_the_run_folder(err: OSError) -> bool:
         )
         and frames[-1].co_filename.endswith("pathlib.py")
     )
+
+
+class JobsElsewhere(Callback):
+    """Hydra callback of a multirun whose launcher sends its jobs to a cluster (submitit): the launching
+    process only waits for them, so a stop signal (`kill`, `timeout`) ends it at once instead of being noted
+    for a training that never runs in it. The jobs go on."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        signals.end_on_signal(
+            f"stopped waiting for the jobs of {sweep_dir}: they go on running on the cluster (squeue). Once "
+            f"they end, `python -m dynamixer.sweep {sweep_dir}` summarises them"
+        )

@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from dynamixer import signals
 from dynamixer.errors import HardwareError
 
 
@@ -242,16 +240,3 @@ def uncompleted_slurm_jobs(message: str) -> tuple[Path | None, list[str]]:
         if states.get(job, "COMPLETED") != "COMPLETED"
     ]
     return sweep_dir, lines or [first]
-
-
-class JobsElsewhere(Callback):
-    """Hydra callback of a multirun whose launcher sends its jobs to a cluster (submitit): the launching
-    process only waits for them, so a stop signal (`kill`, `timeout`) ends it at once instead of being noted
-    for a training that never runs in it. The jobs go on."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir).absolute()
-        signals.end_on_signal(
-            f"stopped waiting for the jobs of {sweep_dir}: they go on running on the cluster (squeue). Once "
-            f"they end, `python -m dynamixer.sweep {sweep_dir}` summarises them"
-        )
