@@ -4,7 +4,9 @@ entry point), never another exception, and always within a time bound.
 
 Covered: every field of a training checkpoint (then restored the way Lightning and dynamixer restore it),
 the values of a stored run config of every kind (then its model built on the meta device), the file index,
-YAML of sweep folders, brace patterns of shards, Kaggle's label file, and the options of train.py.
+YAML of sweep folders, brace patterns of shards, Kaggle's label file, CIFAR's batch files, the info.json of
+WebDataset shards, the members of a tar shard, the `datasets` features in parquet metadata, and the options
+of train.py.
 The budget is `FUZZ_SCALE` times each test's examples: 1 in the quick tier, 10 with DYNAMIXER_FUZZ=ci (CI).
 The sequence is derandomized: a run repeats the cases of the run before, and CI explores more of them.
 """
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -274,3 +277,125 @@ def test_train_py_options_run_or_end_in_one_message(tmp_path_factory, entry, cho
     assert code in (0, 2), (overrides, err[-3000:])
     if code == 2:
         assert err.startswith("Error: ") and "Traceback" not in err, (overrides, err[-3000:])
+
+
+ARRAYS = st.builds(
+    lambda shape, dtype: np.zeros(shape, dtype=dtype),
+    st.lists(st.integers(0, 3), max_size=3).map(tuple),
+    st.sampled_from([np.uint8, np.int64, np.float32, np.bool_, np.uint16]),
+)
+PLAIN = HOSTILE.filter(lambda v: not isinstance(v, torch.Tensor)) | ARRAYS | st.binary(max_size=8)
+
+
+def cifar_files() -> dict[str, Any]:
+    """A whole CIFAR-10 python folder of two images a batch, as unpickled: what each file holds."""
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 9], b"batch_label": b"training batch"}
+    return {"batches.meta": {b"label_names": [str(i).encode() for i in range(10)]}} | {
+        name: batch for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    }
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_any_cifar_file_is_read_or_refused_naming_it(tmp_path_factory, data) -> None:
+    import pickle
+
+    from dynamixer.data import CIFARDataModule
+
+    files = cifar_files()
+    name = data.draw(st.sampled_from(sorted(files)), label="file")
+    path = data.draw(st.sampled_from(paths_of(files[name])), label="path")
+    op, value = data.draw(st.tuples(st.sampled_from(["replace", "delete", "extra"]), PLAIN), label="mutation")
+    files[name] = mutate(files[name], path, op, value)
+    folder = tmp_path_factory.mktemp("fuzz_cifar") / "cifar-10-batches-py"
+    folder.mkdir()
+    for file, content in files.items():
+        (folder / file).write_bytes(pickle.dumps(content, protocol=2))
+    try:
+        CIFARDataModule(str(folder), img_size=8, batch_size=1, num_workers=0).setup()
+    except UserError as err:
+        assert "cifar-10-batches-py" in str(err)
+
+
+@pytest.fixture(scope="module")
+def wds_set(shard_sets) -> dict[str, Any]:
+    return json.loads((shard_sets["wds"] / "info.json").read_text())
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_any_info_json_of_shards_is_read_or_refused_naming_it(shard_sets, wds_set, tmp_path_factory, data) -> None:
+    import shutil
+
+    from dynamixer.data import WebDataModule
+
+    path = data.draw(st.sampled_from(paths_of(wds_set)), label="path")
+    op, value = data.draw(MUTATION.filter(lambda m: not isinstance(m[1], torch.Tensor)), label="mutation")
+    folder = tmp_path_factory.mktemp("fuzz_info") / "wds"
+    shutil.copytree(shard_sets["wds"], folder)
+    (folder / "info.json").write_text(json.dumps(mutate(wds_set, path, op, value)))
+    try:
+        dm = WebDataModule(str(folder), img_size=8, batch_size=2, num_workers=0)
+        dm.identity()
+        dm.setup()
+    except UserError as err:
+        assert str(folder) in str(err)
+
+
+MEMBER_NAMES = st.one_of(
+    st.sampled_from(["a.jpg", "a.cls", "a.json", "b.jpg", "b.cls", "a.__url__", "__key__.cls", "../x.jpg", "a"]),
+    st.text(alphabet="ab._/-", max_size=8),
+)
+MEMBER_DATA = st.one_of(
+    st.sampled_from([b"0", b"1", b"9", b"-1", b"99", b"x", b""]),
+    st.binary(max_size=64),
+    st.sampled_from(["photo"]),  # a real JPEG
+)
+
+
+@fuzz(60)
+@given(members=st.lists(st.tuples(MEMBER_NAMES, MEMBER_DATA), max_size=6))
+def test_any_tar_shard_is_read_or_refused_naming_it(shard_sets, tmp_path_factory, members) -> None:
+    import io
+    import tarfile
+
+    from dynamixer.data.wds import _counted, _decode
+
+    photo = next(shard_sets["folder"].glob("train/*/*.JPEG")).read_bytes()
+    shard = tmp_path_factory.mktemp("fuzz_tar") / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, content in members:
+            content = photo if content == "photo" else content
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    count = len({n.rsplit(".", 1)[0] for n, _ in members if "." in n})
+    try:
+        for sample in _counted([str(shard)], {str(shard): count}):
+            _decode(sample, lambda image: image, 3)
+    except UserError as err:
+        assert str(shard) in str(err)
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_any_parquet_schema_metadata_is_read_or_refused_naming_it(shard_sets, tmp_path_factory, data) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from dynamixer.data import HFDataModule
+
+    folder = tmp_path_factory.mktemp("fuzz_parquet") / "hf"
+    shutil.copytree(shard_sets["parquet"], folder)
+    target = sorted(folder.glob("data/*.parquet"))[data.draw(st.integers(0, 1), label="file")]
+    table = pq.read_table(target)
+    features = json.loads(table.schema.metadata[b"huggingface"])
+    path = data.draw(st.sampled_from(paths_of(features)), label="path")
+    op, value = data.draw(MUTATION.filter(lambda m: not isinstance(m[1], torch.Tensor)), label="mutation")
+    crafted = json.dumps(mutate(features, path, op, value)).encode()
+    pq.write_table(table.replace_schema_metadata({b"huggingface": crafted}), target)
+    try:
+        HFDataModule(str(folder), img_size=8, batch_size=2, num_workers=0, cache_dir=str(folder / "cache")).setup()
+    except UserError as err:
+        assert str(folder) in str(err)

@@ -84,7 +84,14 @@ class CIFARDataModule(ClassificationDataModule):
             )
         self.folder = found[0]
         self._train_files, self._test_file, meta, self._label_key, names_key = LAYOUTS[self.folder.name]
-        self._classes = [n.decode() for n in _load(self.folder / meta)[names_key]]
+        found = _load(self.folder / meta)
+        names = found.get(names_key) if isinstance(found, dict) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
+            raise DataError(
+                f"the CIFAR file {self.folder / meta} names no classes ({names_key.decode()}: a list of names): "
+                "download the python version of the data set again and unpack it"
+            )
+        self._classes = [n.decode(errors="replace") for n in names]
         self._train_tf = padded_crop_transform(self.img_size, self.mean, self.std)
 
     @property

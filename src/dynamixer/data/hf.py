@@ -35,6 +35,30 @@ def _parquet_files(data_dir: Path, split: str) -> list[Path]:
     return []
 
 
+def _features(files: list[Path]) -> Any:
+    """The `datasets` features the parquet files of one split declare in their metadata, the same in each."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    found = {}
+    for path in files:
+        try:
+            found[path] = datasets.Features.from_arrow_schema(pq.read_schema(path))
+        except Exception as err:  # noqa: BLE001  `datasets` parses the file's JSON of feature types, untyped errors
+            raise DataError(
+                f"cannot read the features of the parquet file {path} ({type(err).__name__}: {str(err)[:200]}): "
+                "download it again"
+            ) from None
+    first = found[files[0]]
+    other = [str(p) for p, f in found.items() if f != first]
+    if other:
+        raise DataError(
+            f"the parquet files {other[:3]} declare other features than {files[0]}: the files of a split must be "
+            "of one data set. Download them again"
+        )
+    return first
+
+
 class EncodedImages(Dataset):
     """A `datasets.Dataset` whose image column holds encoded files: items ``(transform(image), label)``, the
     image decoded by ``load_rgb`` (``(3, H, W)`` after the transform), the label an int."""
@@ -123,17 +147,7 @@ class HFDataModule(ClassificationDataModule):
                     f"the parquet files of a split lie in more than one folder under {self.data_dir} ({folders}): "
                     "a second copy would count each image twice. Point data_dir at one copy"
                 )
-            import pyarrow
-            import pyarrow.parquet as pq
-
-            try:
-                features = {
-                    s: datasets.Features.from_arrow_schema(pq.read_schema(f[0])) for s, f in self._files.items()
-                }
-            except (OSError, ValueError, pyarrow.ArrowException) as err:
-                raise DataError(
-                    f"cannot read the parquet files under {self.data_dir} ({err}): download them again"
-                ) from None
+            features = {split: _features(files) for split, files in self._files.items()}
         self._classes = self._check_features(features["train"])
         if self._check_features(features["val"]) != self._classes:
             raise DataError(
