@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dynamixer.data import ImageFolderDataModule
 from dynamixer.errors import HardwareError
 from dynamixer.run.stored_config import options
-from dynamixer.utils.launch import check_devices
+from dynamixer.utils.launch import check_devices, cpu_bf16_warning
 from helpers import CONF_DIR, compose_job_config, compose_train_config, write_image_tree
 
 CONF = CONF_DIR
@@ -154,6 +154,37 @@ def test_eight_gpus_compose_and_fail_clearly_without_gpus(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     check_devices(cfg.trainer)  # an 8-GPU machine runs it as written
     check_devices(compose_train("hardware=cpu", "trainer.devices=2").trainer)  # CPU DDP is asked for explicitly
+
+
+@pytest.mark.parametrize(
+    ("capability", "avx512_bf16", "amx", "precision", "accelerator", "warned"),
+    [
+        ("AVX2", False, False, "bf16-mixed", "cpu", True),  # this project's Zen 3 machine: every mm emulated
+        ("AVX512", False, False, "bf16-true", "auto", True),
+        ("AVX512", True, False, "bf16-mixed", "cpu", False),
+        ("AVX512", False, True, "bf16-mixed", "cpu", False),
+        ("AVX2", False, False, "32", "cpu", False),
+        ("AVX2", False, False, "bf16-mixed", "gpu", False),
+        ("SVE256", False, False, "bf16-mixed", "cpu", False),  # ARM: not judged
+    ],
+)
+def test_bf16_on_a_cpu_without_native_bf16_is_said_once_at_the_start(
+    capability, avx512_bf16, amx, precision, accelerator, warned, monkeypatch, tmp_path, entry
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = cpu_bf16_warning({"precision": precision, "accelerator": accelerator})
+    assert (message is not None) == warned
+    if warned:
+        assert f"trainer.precision={precision}" in message and capability in message
+        assert "trainer.precision=32" in message
+    if warned and accelerator == "cpu":  # through train.py: said once, and the run trains
+        args = ["debug=fast", "hardware=cpu", f"trainer.precision={precision}", "trainer.max_epochs=1"]
+        code, out, err = entry("train.py", [*args, "callbacks.progress_bar=null"], tmp_path)
+        assert code == 0, err[-3000:]
+        assert (out + err).count("emulates every bf16 matrix product") == 1, (out + err)[-3000:]
 
 
 # docs/paper.md section 4, per variant: batch per GPU, drop path, crop pct.
@@ -306,7 +337,7 @@ RECIPES = ["dynamixer_s_imagenet", "dynamixer_m_imagenet", "dynamixer_l_imagenet
 
 
 def recipe_table(tmp_path: Path) -> str:
-    """The README's table of the ImageNet experiments: each key's value as the composed job config has it."""
+    """docs/recipes.md's table of the ImageNet experiments: each key's value as the composed job config has it."""
     configs = [compose_job_config([f"experiment={name}"], tmp_path / name) for name in RECIPES]
     lines = ["| key | " + " | ".join(f"`{name}`" for name in RECIPES) + " |", "|---" * (len(RECIPES) + 1) + "|"]
     for key in RECIPE_KEYS:
@@ -318,9 +349,9 @@ def recipe_table(tmp_path: Path) -> str:
     return "\n".join(lines)
 
 
-def test_readme_shows_each_imagenet_recipe_as_composed(tmp_path: Path) -> None:
-    """The experiment files override only what differs (four files deep for the ablations): the README's
-    table shows each recipe whole, and is what `--cfg job` would print."""
+def test_the_recipes_page_shows_each_imagenet_recipe_as_composed(tmp_path: Path) -> None:
+    """The experiment files override only what differs: docs/recipes.md's table shows each recipe whole, and
+    is what `--cfg job` would print."""
     table = recipe_table(tmp_path)
-    readme = (CONF.parent / "README.md").read_text()
-    assert table in readme, f"README.md's recipe table is not the composed recipe; it should read:\n{table}"
+    page = (CONF.parent / "docs" / "recipes.md").read_text()
+    assert table in page, f"docs/recipes.md's recipe table is not the composed recipe; it should read:\n{table}"

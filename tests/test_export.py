@@ -43,6 +43,22 @@ def test_the_folder_holds_the_weights_and_everything_to_rebuild_and_feed_the_mod
     assert cfg["fixed_input_size"] is True
 
 
+def test_the_model_card_states_the_model_the_runs_own_results_and_how_to_load_it(exported) -> None:
+    from dynamixer.utils.complexity import count_gmacs, count_params
+
+    ckpt, folder = exported
+    card = (folder / "README.md").read_text()
+    model, stored = load_model(str(ckpt), "ema")
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert f"| parameters | {count_params(model):,} |" in card
+    assert f"| GMACs | {count_gmacs(model, (3, IMG, IMG)):.3f} at {IMG}x{IMG} |" in card
+    assert f"| trained | {stored.global_step} optimizer steps, to epoch {stored.epoch} (from 0) |" in card
+    last = stored.metrics[-1]  # the run's own last validation, as its checkpoint recorded it
+    assert f"| {last['epoch']} | {last['step']} | " in card and f"{last['val/acc1']:.4f}" in card
+    assert f'timm.create_model("local-dir:{folder.name}", pretrained=True)' in card
+    assert "arXiv 2201.12083" in card and "wang2022dynamixer" in card
+
+
 def test_timm_local_dir_gives_the_checkpoints_logits(exported) -> None:
     ckpt, folder = exported
     ours, _ = load_model(str(ckpt), "ema")

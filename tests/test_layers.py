@@ -1,4 +1,4 @@
-"""The package's layers (README, Layout): a module imports only modules of the layers below its own."""
+"""The package's layers (docs/development.md, Layout): a module imports only modules of the layers below its own."""
 
 from __future__ import annotations
 
@@ -37,6 +37,6 @@ def imported(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_a_module_imports_only_lower_layers(path: Path) -> None:
     own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-    assert own in LAYERS, f"{own} has no layer: add it to LAYERS and to the README's Layout"
+    assert own in LAYERS, f"{own} has no layer: add it to LAYERS and to docs/development.md's Layout"
     upward = sorted(m for m in imported(path) if m != own and LAYERS[m] >= LAYERS[own])
     assert upward == [], f"{path.relative_to(PACKAGE)} (layer {LAYERS[own]}) imports {upward} of its layer or above"

@@ -14,7 +14,7 @@ readable from its first checkpoint on.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class StoredRun:
     run_config: dict[str, Any]  # the whole stored config as plain values: compared, never built
     epoch: int | None = None
     global_step: int | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # each validation's metrics (`MetricsHistory`)
+    provenance: dict[str, Any] = field(default_factory=dict)  # versions and git commit of the code that wrote it
 
 
 def _refuse(source: str, problem: str) -> CheckpointError:
@@ -197,6 +199,8 @@ def read_stored_run(checkpoint: dict[str, Any], source: str) -> StoredRun:
         run_config=run_config,
         epoch=_count(checkpoint.get("epoch")),
         global_step=_count(checkpoint.get("global_step")),
+        metrics=list(checkpoint.get("callbacks", {}).get("MetricsHistory", {}).get("history", [])),
+        provenance=dict(checkpoint.get("provenance") or {}),
     )
 
 

@@ -31,6 +31,7 @@ from dynamixer.utils.launch import (
     RequeueLimitReached,
     check_devices,
     command_overrides,
+    cpu_bf16_warning,
     ddp_relaunch_of_this_job,
     is_first_process,
     is_multirun,
@@ -193,6 +194,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             "built over it): give trainer.max_epochs=1 or more, or trainer.max_steps=1 or more"
         )
     check_devices(cfg.trainer)
+    if (slow := cpu_bf16_warning(cfg.trainer)) and is_first_process():
+        log.warning("%s", slow)
     # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
     # could be another: a save or a copy in between)
     if is_first_process() or RESUME_FROM not in os.environ:
