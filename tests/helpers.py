@@ -30,6 +30,7 @@ QUIET_TRAIN = [*QUIET_TEST, *QUIET]
 QUIET_FAST = [*QUIET, "debug=fast"]  # a few small steps (conf/debug/fast.yaml)
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
+IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]  # a tiny folder data set, in process
 
 
 def script_env() -> dict[str, str]:
@@ -396,3 +397,38 @@ def signal_at(moment: str, step: int = 0, signum: str = "SIGTERM"):
                 self.send(trainer)
 
     return SignalAt()
+
+
+def scontrol_stand_in(folder: Path, script: str) -> dict[str, str]:
+    """An `scontrol` of `script` (a shell script's body) in `folder`, and the environment of a SLURM job's rank 0
+    that finds it first on PATH: a requeue's real command without a cluster."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scontrol").write_text(f"#!/bin/sh\n{script}\n")
+    (folder / "scontrol").chmod(0o755)
+    return {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's `csv/metrics.csv`, in the order they were written ([] before it exists)."""
+    import csv
+
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss, as the run logged them."""
+    return {int(r["step"]): float(r["train/loss_step"]) for r in metrics_rows(run_dir) if r.get("train/loss_step")}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps whose training loss metrics.csv holds, in the order they were written."""
+    return [int(r["step"]) for r in metrics_rows(run_dir) if r.get("train/loss_step")]
+
+
+def validated_steps(run_dir: Path) -> list[str]:
+    """The steps at which the run logged a validation."""
+    return [r["step"] for r in metrics_rows(run_dir) if r.get("val/loss")]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dynamixer.run import train
-from helpers import QUIET_FAST, REPO, compose_job_config, entry_point, script_env, write_image_tree
+from helpers import IMAGENET, QUIET_FAST, REPO, compose_job_config, entry_point, script_env, write_image_tree
 
 QUIET = [*QUIET_FAST, "logger=csv"]
 
@@ -39,8 +39,6 @@ def corrupt_tree(tmp_path: Path, index: int = 0) -> Path:
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 3])
     return root
 
-
-IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
 
 # (name, overrides given the tmp path, fragments the message must hold)
 CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
@@ -145,11 +143,17 @@ def blocked(tmp_path: Path) -> Path:
 def test_bad_input_gets_one_clear_message_and_exit_2(
     name, overrides, fragments, tmp_path: Path, monkeypatch, user_error
 ) -> None:
+    from dynamixer.lit_module import ImageClassifier
+
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    steps = []
+    step = ImageClassifier.training_step
+    monkeypatch.setattr(ImageClassifier, "training_step", lambda self, *a: steps.append(1) or step(self, *a))
     message = user_error("train.py", [*QUIET, *overrides(tmp_path), "run_name=bad"], tmp_path)
     for fragment in fragments:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
-    assert not (tmp_path / "logs" / "train" / "runs" / "bad" / "results.json").exists()  # failed before it trained
+    # before any training step, but a corrupt image: it is met when the batch that holds it is read
+    assert steps == [] or name.startswith("corrupt JPEG"), f"{name}: {len(steps)} training steps ran first"
 
 
 @pytest.mark.parametrize(

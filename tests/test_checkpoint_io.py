@@ -74,6 +74,7 @@ def saved_step(path: Path) -> int | None:
     return state["global_step"]
 
 
+@pytest.mark.slow  # a real process killed at each point
 @pytest.mark.parametrize(("kill_in", "point"), list(LEFT), ids=[f"save{k}-{p}" for k, p in LEFT])
 def test_a_kill_at_each_point_of_a_save_leaves_whole_checkpoints_and_a_restart_removes_the_rest(
     kill_in: int, point: str, tmp_path: Path, digits_run: Path

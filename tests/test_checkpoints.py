@@ -12,9 +12,7 @@ import torch
 
 from dynamixer import load_release_checkpoint
 from dynamixer.run import train
-from helpers import QUIET_FAST, compose_job_config, files_state, read_checkpoint, write_image_tree
-
-IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]
+from helpers import IMAGENET, QUIET_FAST, compose_job_config, files_state, read_checkpoint, write_image_tree
 
 
 class Marker:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,10 +15,14 @@ from helpers import (
     EPOCH_END_MOMENTS,
     differing,
     finish,
+    logged_steps,
     read_checkpoint,
     run_script,
+    scontrol_stand_in,
     start_script,
+    step_losses,
     training_state,
+    validated_steps,
     wait_for,
 )
 
@@ -165,28 +167,6 @@ def test_a_signal_around_an_epoch_s_end_stops_at_its_last_step_and_the_resume_tr
     assert validated_steps(run_dir) == validated_steps(validated_straight)  # each epoch once, at its last step
 
 
-def validated_steps(run_dir: Path) -> list[str]:
-    with (run_dir / "csv" / "metrics.csv").open() as f:
-        return [row["step"] for row in csv.DictReader(f) if row.get("val/loss")]
-
-
-def training_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [row for row in csv.DictReader(f) if row.get("train/loss_step")]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {int(row["step"]): float(row["train/loss_step"]) for row in training_rows(run_dir)}
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    """The steps whose training loss metrics.csv holds, in the order they were written."""
-    return [int(row["step"]) for row in training_rows(run_dir)]
-
-
 def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "logs/train/runs/done"
     finish(start(tmp_path, "trainer.max_epochs=1", "run_name=done"))
@@ -301,11 +281,7 @@ def test_a_full_disk_during_saves_keeps_the_previous_checkpoint_and_still_requeu
     assert "Traceback" not in out
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == saved  # nothing torn, nothing left over
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = scontrol_stand_in(tmp_path / "bin", f'echo "$@" >> {tmp_path / "scontrol.log"}')
     requeue = ["callbacks.stop_on_signal.requeue_on=[SIGUSR2]", "+callbacks.signal_at._target_=helpers.signal_at"]
     requeue += ["+callbacks.signal_at.moment=training_step", f"+callbacks.signal_at.step={STEPS_PER_EPOCH + 2}"]
     requeue += ["+callbacks.signal_at.signum=SIGUSR2"]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dynamixer  # noqa: F401  (registers the models with timm)
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.schedules import cosine_with_warmup
-from helpers import compose_train_config
+from helpers import compose_train_config, cpu_trainer
 
 NUM_CLASSES = 5
 IMG = 8
@@ -77,19 +77,8 @@ def loader(n_batches: int, batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 
 def trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
-    kwargs = {"max_epochs": 1, **kwargs}
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    """`helpers.cpu_trainer` without checkpoints or the sanity check: the module's own steps only."""
+    return cpu_trainer(tmp_path, callbacks, enable_checkpointing=False, num_sanity_val_steps=0, **kwargs)
 
 
 def smoothed_one_hot(y: torch.Tensor, smoothing: float, num_classes: int = NUM_CLASSES) -> torch.Tensor:

@@ -18,7 +18,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from dynamixer import signals
 from dynamixer.callbacks import StopOnSignal
 from dynamixer.run.run_folder import CLAIM
-from helpers import QUIET_TRAIN, cpu_trainer, finish, read_checkpoint, run_dir, start_script, tiny_module, wait_for
+from helpers import (
+    QUIET_TRAIN,
+    cpu_trainer,
+    finish,
+    read_checkpoint,
+    run_dir,
+    scontrol_stand_in,
+    start_script,
+    tiny_module,
+    wait_for,
+)
 
 
 def test_after_training_sigterm_is_still_ours_and_ends_the_process(tmp_path: Path) -> None:
@@ -113,11 +123,7 @@ def test_a_requeue_signal_during_start_up_stops_at_the_first_step_with_a_checkpo
 def test_a_requeue_that_fails_is_what_results_json_says(tmp_path: Path) -> None:
     """`scontrol requeue` exits 1 (a stand-in that fails, on PATH, in a job's environment): results.json says
     `requeue_failed` with the error, never `requeued`, and the output names how to resume."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\nexit 1\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = scontrol_stand_in(tmp_path / "bin", "echo 'slurm_requeue error: Access/permission denied' >&2\nexit 1")
     args = [*QUIET_TRAIN, "run_name=denied", "trainer.max_epochs=3", "callbacks.stop_on_signal.requeue_on=[SIGUSR2]"]
     proc = start_script("train.py", args, tmp_path, env=env)
     folder = run_dir(tmp_path, "denied")
