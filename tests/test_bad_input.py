@@ -19,11 +19,11 @@ import torch
 from dynamixer.run import train
 from helpers import IMAGENET, QUIET_FAST, REPO, compose_job_config, entry_point, script_env, write_image_tree
 
-QUIET = [*QUIET_FAST, "logger=csv"]
+QUIET_CSV = [*QUIET_FAST, "logger=csv"]
 
 
 def run_train(tmp_path: Path, *overrides: str) -> dict:
-    return train(compose_job_config([*QUIET, *overrides], tmp_path / "run"))
+    return train(compose_job_config([*QUIET_CSV, *overrides], tmp_path / "run"))
 
 
 def tiny_checkpoint(tmp_path: Path) -> Path:
@@ -151,7 +151,7 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
     monkeypatch.setattr(ImageClassifier, "training_step", lambda self, *a: steps.append(1) or step(self, *a))
     args = overrides(tmp_path)  # a case's checkpoint is trained here, before the command counted below
     steps.clear()
-    message = user_error("train.py", [*QUIET, *args, "run_name=bad"], tmp_path)
+    message = user_error("train.py", [*QUIET_CSV, *args, "run_name=bad"], tmp_path)
     for fragment in fragments:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
     # before any training step, but a corrupt image: it is met when the batch that holds it is read
@@ -182,7 +182,7 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(training, "_train", broken)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", *QUIET])
+    monkeypatch.setattr(sys, "argv", ["train.py", *QUIET_CSV])
     monkeypatch.delenv("DYNAMIXER_TRACES_ASKED", raising=False)
     from dynamixer.run.cli import run_main
 
@@ -225,7 +225,7 @@ def test_an_image_over_the_decompression_bomb_limit_gets_one_message(tmp_path: P
 
     root = write_image_tree(tmp_path / "data", ["n01", "n02"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the tree's 48x40 images are over twice that
-    message = user_error("train.py", [*QUIET, *IMAGENET, f"data.data_dir={root}"], tmp_path)
+    message = user_error("train.py", [*QUIET_CSV, *IMAGENET, f"data.data_dir={root}"], tmp_path)
     assert "MAX_IMAGE_PIXELS" in message and "skip_corrupt" in message
 
 
@@ -237,7 +237,14 @@ def test_under_ddp_a_bad_image_ends_every_rank_with_its_message(verify: bool, tm
     without it, rank 1, whose batch holds the file, prints its message and rank 0 ends with it (exit 2, no
     traceback) instead of waiting at the next collective forever."""
     root = corrupt_tree(tmp_path, index=1)
-    args = [*QUIET, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", f"data.verify={verify}"]
+    args = [
+        *QUIET_CSV,
+        *IMAGENET,
+        f"data.data_dir={root}",
+        "hardware=cpu",
+        "trainer.devices=2",
+        f"data.verify={verify}",
+    ]
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, "run_name=ddp"],
         cwd=tmp_path,
@@ -259,7 +266,7 @@ def test_under_ddp_verify_drops_the_same_files_on_every_rank(tmp_path: Path) -> 
     from helpers import run_script
 
     root = corrupt_tree(tmp_path)
-    args = [*QUIET, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", "data.verify=true"]
+    args = [*QUIET_CSV, *IMAGENET, f"data.data_dir={root}", "hardware=cpu", "trainer.devices=2", "data.verify=true"]
     run_script("train.py", [*args, "data.skip_corrupt=true", "run_name=ddp"], tmp_path)
     results = json.loads((tmp_path / "logs/train/runs/ddp/results.json").read_text())
     assert results["status"] == "finished"
@@ -274,7 +281,7 @@ def test_under_ddp_ranks_that_list_different_data_stop_together(tmp_path: Path) 
     small = write_image_tree(tmp_path / "d0", ["n01", "n02"], train_per_class=4)
     large = write_image_tree(tmp_path / "d1", ["n01", "n02"], train_per_class=5)
     data_dir = "data.data_dir='${oc.env:DATA_${oc.env:LOCAL_RANK,0}}'"  # quoted: resolved in each rank
-    args = [*QUIET, *IMAGENET, data_dir, "hardware=cpu", "trainer.devices=2", "run_name=ddp"]
+    args = [*QUIET_CSV, *IMAGENET, data_dir, "hardware=cpu", "trainer.devices=2", "run_name=ddp"]
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=tmp_path,

@@ -83,3 +83,16 @@ def test_checkpoint_benchmark_saves_a_training_sized_checkpoint(tmp_path):
     # weights, EMA weights and AdamW's two moments: four float32 copies of the 849,062 parameters
     assert row["size_mb"] * 2**20 > 4 * 4 * 849_062 and row["save_s_median"] > 0
     assert row["overhead_at_interval"] == pytest.approx(row["save_s_median"] / 1800)
+
+
+def test_chaos_resume_kills_a_run_and_reports_its_end_against_an_uninterrupted_one(tmp_path):
+    """The chaos script on a run of one process and one kill: what a scheduled chaos run does, small."""
+    overrides = ["trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2"]
+    overrides += ["trainer.max_epochs=1", "trainer.limit_train_batches=8", "data.num_workers=0"]
+    report = tmp_path / "report.json"
+    args = ["--kills", "1", "--max-delay", "0.5", "--workdir", tmp_path, "--json", report, "--", *overrides]
+    run_script("benchmarks/chaos_resume.py", args, tmp_path)
+    found = json.loads(report.read_text())
+    assert len(found["kills"]) == 1 and found["global_step"] == [8, 8]
+    for part in ("raw_weights", "ema_weights", "optimizer"):
+        assert found[part]["identical"] and found[part]["tensors"] > 100, found[part]

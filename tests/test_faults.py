@@ -183,43 +183,6 @@ def test_restarting_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     assert checkpoints() == files  # not one checkpoint written again, renamed or removed
 
 
-def test_sigkills_at_random_moments_then_resumes_end_bit_identical_under_ddp(tmp_path: Path) -> None:
-    """benchmarks/chaos_resume.py: each restart is killed (its whole process group) at a random moment after
-    it saved a new checkpoint, then started again with the same command; the final raw and EMA weights and
-    optimizer state equal (torch.equal) those of an uninterrupted run of that command. Two CPU ranks (DDP over
-    gloo), 2 loader workers each: the data order and augmentations of every rank and worker are repeated."""
-    kills = 3
-    overrides = [
-        "trainer.deterministic=true",
-        "model.img_size=32",  # steps long enough that a kill lands before the end of this short run
-        "callbacks.last_checkpoint.every_n_train_steps=4",
-        "trainer.max_epochs=3",
-        "trainer.limit_train_batches=8",
-        "hardware=cpu",
-        "trainer.devices=2",
-        "data.num_workers=2",
-    ]
-    report_path = tmp_path / "report.json"
-    args = [
-        "--kills",
-        str(kills),
-        "--max-delay",
-        "1.0",
-        "--workdir",
-        str(tmp_path),
-        "--json",
-        str(report_path),
-        "--",
-        *overrides,
-    ]
-    run_script("benchmarks/chaos_resume.py", args, tmp_path)
-    report = json.loads(report_path.read_text())
-    assert len(report["kills"]) == kills and report["global_step"] == [24, 24]
-    assert [k["last_ckpt_step"] for k in report["kills"]] == sorted({k["last_ckpt_step"] for k in report["kills"]})
-    for part in ("raw_weights", "ema_weights", "optimizer"):
-        assert report[part]["identical"] and report[part]["tensors"] > 100, report[part]
-
-
 def test_a_diverged_run_stops_at_once_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path: Path) -> None:
     """An absurd learning rate makes the weights overflow at the first update: `train.py` stops at the first
     non-finite loss with one message naming the step and what to try (exit 2), and last.ckpt (saved every

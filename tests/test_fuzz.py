@@ -7,7 +7,7 @@ the values of a stored run config of every kind (then its model built on the met
 YAML of sweep folders, brace patterns of shards, Kaggle's label file, CIFAR's batch files, the info.json of
 WebDataset shards, the members of a tar shard, the `datasets` features in parquet metadata, and the options
 of train.py.
-The budget is `FUZZ_SCALE` times each test's examples: 1 in the quick tier, 10 with DYNAMIXER_FUZZ=ci (CI).
+The budget is `FUZZ_SCALE` times each test's examples: 1 in the quick tier, 3 with DYNAMIXER_FUZZ=ci (CI).
 The sequence is derandomized: a run repeats the cases of the run before, and CI explores more of them.
 """
 
@@ -33,7 +33,7 @@ from dynamixer.checkpoint_reader import validate
 from dynamixer.errors import UserError
 from helpers import QUIET_FAST, read_checkpoint
 
-FUZZ_SCALE = 10 if os.environ.get("DYNAMIXER_FUZZ") == "ci" else 1
+FUZZ_SCALE = 3 if os.environ.get("DYNAMIXER_FUZZ") == "ci" else 1
 SECONDS = 30  # one case, read and restored: a bound far above what any takes (a parse that expands hangs)
 
 

@@ -124,54 +124,22 @@ def test_loss_without_mixup_is_label_smoothing_or_plain_cross_entropy(batch):
     assert type(plain.train_loss_fn) is nn.CrossEntropyLoss
 
 
-def test_mixup_only_mixes_images_with_the_flipped_batch_and_targets_with_smoothing(batch):
+@pytest.mark.parametrize(("mixup_alpha", "cutmix_alpha"), [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_the_model_sees_timms_mixed_batch_and_the_loss_takes_its_soft_targets(batch, mixup_alpha, cutmix_alpha):
+    """What is ours: the training step hands the model the images timm's `Mixup` makes and the loss its soft
+    targets, with the module's smoothing (timm's own arithmetic is timm's to test)."""
     x, y = batch
-    np.random.seed(0)  # timm draws lambda with numpy
-    module = make_module(
-        label_smoothing=0.1,
-        mixup=partial(Mixup, mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, mode="batch", label_smoothing=0.1),
-    )
+    mixing = partial(Mixup, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=1.0, mode="batch")
+    module = make_module(label_smoothing=0.1, mixup=partial(mixing, label_smoothing=0.1))
     assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
+    np.random.seed(3)  # timm draws lambda (and the box) with numpy
     seen, target, value = run_training_step(module, x, y)
-
-    flipped = x.flip(0)
-    # lambda from the images (least squares), then every pixel must be lam * x + (1 - lam) * flip(x)
-    lam = float(((seen - flipped) * (x - flipped)).sum() / ((x - flipped) ** 2).sum())
-    assert 0.0 <= lam < 1.0 - 1e-4, f"images were not mixed (lam={lam})"
-    torch.testing.assert_close(seen, lam * x + (1 - lam) * flipped, atol=1e-5, rtol=1e-5)
-    expected = lam * smoothed_one_hot(y, 0.1) + (1 - lam) * smoothed_one_hot(y.flip(0), 0.1)
-    torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
-    logits = module.model(seen)
-    torch.testing.assert_close(value, (-expected * logits.log_softmax(-1)).sum(-1).mean().detach())
-
-
-def test_cutmix_only_pastes_a_box_of_the_flipped_batch(batch):
-    x, y = batch
     np.random.seed(3)
-    module = make_module(
-        label_smoothing=0.1,
-        mixup=partial(Mixup, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, mode="batch", label_smoothing=0.1),
-    )
-    assert isinstance(module.train_loss_fn, SoftTargetCrossEntropy)
-    seen, target, _ = run_training_step(module, x, y)
-
-    changed = (seen != x).any(dim=1)  # (B, H, W)
-    assert changed.any(), "no box was pasted"
-    # batch mode: one box, the same for every image, an axis-aligned rectangle
-    assert all(torch.equal(changed[0], m) for m in changed)
-    rows = changed[0].any(dim=1).nonzero().flatten()
-    cols = changed[0].any(dim=0).nonzero().flatten()
-    y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    box = torch.zeros(IMG, IMG, dtype=torch.bool)
-    box[y0:y1, x0:x1] = True
-    assert torch.equal(changed[0], box)
-    # inside: the flipped batch; outside: untouched
-    torch.testing.assert_close(seen[:, :, y0:y1, x0:x1], x.flip(0)[:, :, y0:y1, x0:x1], atol=0, rtol=0)
-    assert torch.equal(seen[:, :, ~box], x[:, :, ~box])
-    # targets weighted by the kept area (timm's lambda correction)
-    lam = 1.0 - box.sum().item() / (IMG * IMG)
-    expected = lam * smoothed_one_hot(y, 0.1) + (1 - lam) * smoothed_one_hot(y.flip(0), 0.1)
-    torch.testing.assert_close(target, expected, atol=1e-6, rtol=1e-6)
+    images, targets = mixing(label_smoothing=0.1, num_classes=NUM_CLASSES)(x.clone(), y.clone())
+    assert not torch.equal(seen, x)  # mixed
+    assert torch.equal(seen, images) and torch.equal(target, targets)
+    logits = module.model(seen)
+    torch.testing.assert_close(value, (-targets * logits.log_softmax(-1)).sum(-1).mean().detach())
 
 
 def test_mixup_with_prob_zero_leaves_the_batch_unchanged(batch):
@@ -434,7 +402,7 @@ def test_compile_is_for_fitting_only_evaluation_stays_eager(tmp_path):
     module = make_module(model=backbone, compile=True)
     data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, NUM_CLASSES, (8,)))
     metrics = trainer(tmp_path).validate(module, DataLoader(data, batch_size=8), verbose=False)
-    assert module.model._compiled_call_impl is None and 0 <= metrics[0]["val/acc1"] <= 1
+    assert module.model._compiled_call_impl is None and "val/acc1" in metrics[0]
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
