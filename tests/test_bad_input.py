@@ -173,6 +173,13 @@ def test_evaluation_entry_points_report_bad_input_the_same_way(script, args, fra
         assert fragment in message, message
 
 
+def test_test_py_checks_the_types_of_the_commands_data_settings(digits_run: Path, tmp_path: Path, user_error) -> None:
+    """Found by the fuzz harness: `test.py data.batch_size=x` ended in a traceback from inside the data module."""
+    checkpoint = digits_run / "checkpoints" / "last.ckpt"
+    message = user_error("test.py", [f"ckpt_path={checkpoint}", "data.batch_size=x"], tmp_path)
+    assert "data.batch_size" in message and "'x'" in message, message
+
+
 def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
     """Anything that is not the user's to fix propagates as it is (Python prints its traceback)."""
     import dynamixer.run.training as training

@@ -6,7 +6,7 @@ Covered: every field of a training checkpoint (then restored the way Lightning a
 the values of a stored run config of every kind (then its model built on the meta device), the file index,
 YAML of sweep folders, brace patterns of shards, Kaggle's label file, CIFAR's batch files, the info.json of
 WebDataset shards, the members of a tar shard, the `datasets` features in parquet metadata, and the options
-of train.py.
+of train.py, test.py, predict.py and export.py.
 The budget is `FUZZ_SCALE` times each test's examples: 1 in the quick tier, 3 with DYNAMIXER_FUZZ=ci (CI).
 The sequence is derandomized: a run repeats the cases of the run before, and CI explores more of them.
 """
@@ -399,3 +399,54 @@ def test_any_parquet_schema_metadata_is_read_or_refused_naming_it(shard_sets, tm
         HFDataModule(str(folder), img_size=8, batch_size=2, num_workers=0, cache_dir=str(folder / "cache")).setup()
     except UserError as err:
         assert str(folder) in str(err)
+
+
+EVALUATION_OPTIONS = {
+    "test.py": {
+        "weights": st.sampled_from(["ema", "raw", "both", "", "null", "1"]),
+        "data.batch_size": st.one_of(st.integers(-1, 3), st.sampled_from(["x", "null"])),
+        "trainer.limit_val_batches": st.sampled_from(["1", "0", "-1", "0.5", "x"]),
+    },
+    "predict.py": {
+        "weights": st.sampled_from(["ema", "raw", "x"]),
+        "top_k": st.one_of(st.integers(-1, 12), st.sampled_from(["x", "null", "2.5"])),
+        "batch_size": st.one_of(st.integers(-1, 3), st.sampled_from(["x", "null"])),
+        "inputs": st.sampled_from(["{images}", "{images}/a.png", "{missing}", "{checkpoint}", "''"]),
+    },
+    "export.py": {
+        "weights": st.sampled_from(["ema", "raw", "x"]),
+        "onnx": st.sampled_from(["false", "x", "null", "1"]),
+        "out_dir": st.sampled_from(["{out}", "{checkpoint}", "''", "{images}"]),
+    },
+}
+
+
+@pytest.mark.parametrize("script", sorted(EVALUATION_OPTIONS))
+@fuzz(4, shrink=False)
+@given(ckpt=st.sampled_from(["{checkpoint}", "{missing}", "{images}", "''"]), data=st.data())
+def test_evaluation_entry_points_options_run_or_end_in_one_message(
+    digits_run, tmp_path_factory, entry, script, ckpt, data
+) -> None:
+    from PIL import Image
+
+    cwd = tmp_path_factory.mktemp("fuzz_eval")
+    (cwd / "images").mkdir()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(cwd / "images" / "a.png")
+    places = {
+        "checkpoint": digits_run / "checkpoints" / "last.ckpt",
+        "missing": cwd / "gone.ckpt",
+        "images": cwd / "images",
+        "out": cwd / "exported",
+    }
+    options = EVALUATION_OPTIONS[script]
+    required = {"predict.py": ["inputs"], "export.py": ["out_dir"]}.get(script, [])
+    chosen = {
+        key: data.draw(options[key] if key in required else st.one_of(st.none(), options[key]), label=key)
+        for key in sorted(options)
+    }
+    values = {k: str(v).format(**places) for k, v in chosen.items() if v is not None}
+    overrides = [f"ckpt_path={ckpt.format(**places)}", *(f"{k}={v}" for k, v in values.items())]
+    code, _, err = entry(script, overrides, cwd)
+    assert code in (0, 2), (script, overrides, err[-3000:])
+    if code == 2:
+        assert err.startswith("Error: ") and "Traceback" not in err, (script, overrides, err[-3000:])
