@@ -74,6 +74,25 @@ def test_a_resume_accepts_the_same_data_moved_elsewhere(shard_sets, source, tmp_
     assert code == 0, err
 
 
+def test_a_checkpoint_without_a_data_identity_is_evaluated_but_not_resumed(digits_run, tmp_path, user_error) -> None:
+    """Checkpoints written before the identity was recorded: test.py's reader takes them, a resume refuses."""
+    import torch
+
+    from dynamixer.run.checkpoints import load_model
+
+    folder = tmp_path / "logs" / "train" / "runs" / "r"
+    shutil.copytree(digits_run, folder)
+    path = folder / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["DigitsDataModule"]["data"]
+    torch.save(checkpoint, path)
+    load_model(str(path))  # evaluation, prediction and export read it
+    message = user_error(
+        "train.py", [*QUIET_FAST, "run_name=r", "ckpt_path=auto", "trainer.max_epochs=3", "extend=true"], tmp_path
+    )
+    assert "records no identity of the data" in message and "model.pretrained_file" in message, message
+
+
 def test_a_files_digest_covers_its_size_and_both_ends(tmp_path: Path) -> None:
     path = tmp_path / "f"
     body = bytes(range(256)) * 64  # 16 KiB

@@ -173,7 +173,9 @@ class DataPosition(_Strict):
     batch_size: Positive
     world_size: Positive
     num_workers: Count | None = None  # data=wds: its shards are dealt to ranks x workers streams
-    data: Annotated[dict[Name, Digest], Field(max_length=1_000_000)]  # `dynamixer.data.identity`
+    # `dynamixer.data.identity`; absent from checkpoints written before it (a resume refuses them, see
+    # `ClassificationDataModule._check_resume`; evaluation reads them)
+    data: Annotated[dict[Name, Digest], Field(max_length=1_000_000)] | None = None
 
 
 class CheckpointCallbackState(_Strict):

@@ -246,7 +246,14 @@ class ClassificationDataModule(LightningDataModule, ABC):
                 f"schedule would differ. Resume with data.batch_size={saved[0]} and {saved[1]} device(s) in all "
                 "(trainer.devices x trainer.num_nodes), or start a new run from its weights."
             )
-        differ = differences(state["data"], self.identity())
+        recorded = state.get("data")
+        if recorded is None:
+            raise DataError(
+                "the checkpoint records no identity of the data it trained on (it was written before dynamixer "
+                "recorded one), so this resume cannot check that the data is the same: finish the run with the "
+                "version that wrote it, or start a new run from its weights (model.pretrained_file=<checkpoint>)"
+            )
+        differ = differences(recorded, self.identity())
         stop_together(
             f"the data is not the data set this run trained on: {differ} (by content, wherever it lies). A "
             "resume trains on the data it started with: point the data options at that data set, or start a new "
