@@ -41,6 +41,7 @@ from pydantic import (
 )
 from pydantic.functional_validators import AfterValidator, PlainValidator
 
+from dynamixer.data.identity import DIGEST
 from dynamixer.errors import CheckpointError
 from dynamixer.lit_module import CHECKPOINT_FORMAT
 from dynamixer.models.weights import differences, listed, read_file
@@ -103,7 +104,7 @@ Number = StrictInt | StrictFloat
 Text = Annotated[StrictStr, Field(max_length=4096)]
 Name = Annotated[StrictStr, Field(max_length=1024)]
 RunId = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{32}$")]
-Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{32}$")]
+Digest = Annotated[StrictStr, Field(pattern=DIGEST)]
 
 
 def _tensor(dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None, scalar: bool = False) -> Any:

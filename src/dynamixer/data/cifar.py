@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from dynamixer.data.base import ClassificationDataModule, InMemoryImages
-from dynamixer.data.identity import WHOLE, file_digest
+from dynamixer.data.identity import WHOLE, files_identity
 from dynamixer.data.transforms import padded_crop_transform
 from dynamixer.errors import ConfigError, DataError
 from dynamixer.schema import Location
@@ -118,7 +118,7 @@ class CIFARDataModule(ClassificationDataModule):
         return InMemoryImages([Image.fromarray(p) for p in np.concatenate(pixels)], labels, transform)
 
     def _content(self) -> dict[str, str]:
-        return {name: file_digest(self.folder / name, WHOLE) for name in [*self._train_files, self._test_file]}
+        return files_identity({name: self.folder / name for name in [*self._train_files, self._test_file]}, WHOLE)
 
     def _build_datasets(self) -> tuple[InMemoryImages, InMemoryImages]:
         return self._split(self._train_files, self._train_tf), self._split([self._test_file], self._eval_tf)

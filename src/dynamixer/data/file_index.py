@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from dynamixer.data.identity import IMAGE_EDGE, digest_of, file_digests
+from dynamixer.data.identity import DIGEST, IMAGE_EDGE, digest_of, file_digests
 from dynamixer.errors import DataError
 
 INDEX_FORMAT = 2
@@ -123,7 +124,7 @@ def _check_folder(rel: Any, entry: Any) -> bool:
 
 
 def _is_digest(value: Any) -> bool:
-    return type(value) is str and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return type(value) is str and re.fullmatch(DIGEST, value) is not None
 
 
 class FileIndex:

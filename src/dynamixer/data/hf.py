@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from dynamixer.bounded import read_text
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule, rank_zero_first
-from dynamixer.data.identity import SHARD_EDGE, digest_of, file_digests
+from dynamixer.data.identity import SHARD_EDGE, digest_of, files_identity
 from dynamixer.data.images import load_rgb
 from dynamixer.errors import DataError
 from dynamixer.schema import Location
@@ -227,7 +227,7 @@ class HFDataModule(ClassificationDataModule):
             }
         else:
             named = {str(f.relative_to(self.data_dir)): str(f) for split in self._files.values() for f in split}
-        return {"classes": digest_of(self._classes), **dict(zip(named, file_digests(list(named.values()), SHARD_EDGE)))}
+        return {"classes": digest_of(self._classes), **files_identity(named, SHARD_EDGE)}
 
     def _build_datasets(self) -> tuple[EncodedImages, EncodedImages]:
         import pyarrow.compute

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+DIGEST = r"^[0-9a-f]{32}$"  # what `file_digest` and `digest_of` give: 16 bytes as hex
 IMAGE_EDGE = 4 << 10  # a JPEG's header and its last coded blocks
 SHARD_EDGE = 64 << 10  # a tar shard's first and last samples, a parquet file's last row group and footer
 WHOLE = 1 << 62  # label files, CIFAR batches: small enough to read whole
@@ -53,6 +54,11 @@ def file_digests(paths: list[str], edge: int, threads: int = 8) -> list[str]:
         return [file_digest(p, edge) for p in paths]
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda p: file_digest(p, edge), paths))
+
+
+def files_identity(files: Mapping[str, str | os.PathLike], edge: int) -> dict[str, str]:
+    """Name -> `file_digest` of its file, for the files that make a data set (shards, parquet, batch files)."""
+    return dict(zip(files, file_digests([str(p) for p in files.values()], edge)))
 
 
 def digest_of(parts: Iterable[object]) -> str:

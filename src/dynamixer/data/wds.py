@@ -46,7 +46,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from dynamixer.bounded import expand_braces
 from dynamixer.data.base import IMAGENET_DEFAULTS, IMAGENET_TRAIN_AUG, ClassificationDataModule
 from dynamixer.data.convert import WDS_FORMAT, WDS_INFO
-from dynamixer.data.identity import SHARD_EDGE, digest_of, file_digests
+from dynamixer.data.identity import SHARD_EDGE, digest_of, files_identity
 from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
 from dynamixer.errors import ConfigError, DataError
@@ -379,9 +379,8 @@ class WebDataModule(ClassificationDataModule):
         return list(self._classes)
 
     def _content(self) -> dict[str, str]:
-        paths = [p for split in ("train", "val") for p in self._shards[split][0]]
-        classes = {"classes": digest_of(self._classes)}
-        return {**classes, **dict(zip((Path(p).name for p in paths), file_digests(paths, SHARD_EDGE)))}
+        shards = {Path(p).name: p for split in ("train", "val") for p in self._shards[split][0]}
+        return {"classes": digest_of(self._classes), **files_identity(shards, SHARD_EDGE)}
 
     def _build_datasets(self) -> tuple[Any, TarSamples]:
         # the training streams are made per rank by its loader; the validation split is map-style

@@ -45,9 +45,14 @@ def check_sections(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model"
     """Each value of these sections is of the type its target's parameter declares (`dynamixer.schema`)."""
     for section in sections:
         node = cfg.get(section)
-        if OmegaConf.is_dict(node) and isinstance(node.get("_target_"), str):
-            values = OmegaConf.to_container(node, resolve=True)
-            check_types(get_object(node._target_), values, section)
+        if OmegaConf.is_dict(node) and isinstance(node.get("_target_"), str):  # resolved only then
+            check_section(section, OmegaConf.to_container(node, resolve=True))
+
+
+def check_section(section: str, values: dict[str, Any]) -> None:
+    """The values of one section with a `_target_` are of the types its parameters declare."""
+    if isinstance(values.get("_target_"), str):
+        check_types(get_object(values["_target_"]), values, section)
 
 
 def dry_build(section: str, make: Any) -> Any:

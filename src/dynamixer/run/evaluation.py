@@ -9,17 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data import build_transform, load_rgb
 from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from dynamixer.lit_module import ImageClassifier
-from dynamixer.run.build import check_sections, instantiate_checked
+from dynamixer.run.build import check_section, check_sections, instantiate_checked
 from dynamixer.run.checkpoints import load_model
 from dynamixer.run.stored_config import StoredRun
-from dynamixer.schema import check_types
 from dynamixer.utils.launch import command_overrides
 from dynamixer.utils.results import write_results
 
@@ -31,7 +30,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print top-1/top-5 and write them to `<run folder>/eval.json`."""
     model, stored = load_model(cfg.ckpt_path, cfg.weights)
     data = eval_data_config(stored, cfg, command_overrides())
-    check_types(get_object(data["_target_"]), data, "data")  # the command's values, as train.py checks them
+    check_section("data", data)  # the command's values, as train.py checks them
     check_sections(cfg, ("trainer",))
     datamodule = instantiate_checked(data)
     check_class_names(stored.data_info["class_names"], datamodule.class_names, cfg)

@@ -60,7 +60,7 @@ def cpu_bf16_warning(trainer_cfg: Mapping[str, Any]) -> str | None:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     capability = torch.backends.cpu.get_cpu_capability()
-    # private, but the only test torch offers of what its kernels use (torch 2.14; tests/test_train.py pins it)
+    # private, but the only test torch offers of what its kernels use (torch 2.14, as requirements.lock pins)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if not on_cpu or not str(trainer_cfg.get("precision")).startswith("bf16") or capability not in _X86 or native:
         return None
