@@ -89,6 +89,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ("image size the patch cannot divide", lambda t: ["model.img_size=30"], ["img_size=(30, 30)", "patch_size=4"]),
     ("GPUs this machine does not have", lambda t: ["trainer.devices=8"], ["8 GPU(s)", "hardware=cpu"]),
     ("no devices", lambda t: ["trainer.devices=0"], ["trainer.devices=0", "trainer.devices=1"]),
+    ("a value Lightning refuses", lambda t: ["trainer.limit_val_batches=-1"], ["trainer:", "-1 for limit_val_batches"]),
     ("missing pretrained_file", lambda t: [f"model.pretrained_file={t / 'gone.pth'}"], ["gone.pth", "does not exist"]),
     ("truncated ckpt_path", lambda t: [f"ckpt_path={truncated(t)}"], ["cut.ckpt", "cannot be read"]),
     ("truncated pretrained_file", lambda t: [f"model.pretrained_file={truncated(t)}"], ["cut.ckpt", "cannot be read"]),
@@ -173,11 +174,19 @@ def test_evaluation_entry_points_report_bad_input_the_same_way(script, args, fra
         assert fragment in message, message
 
 
-def test_test_py_checks_the_types_of_the_commands_data_settings(digits_run: Path, tmp_path: Path, user_error) -> None:
-    """Found by the fuzz harness: `test.py data.batch_size=x` ended in a traceback from inside the data module."""
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        # found by the fuzz harness: each ended in a traceback, from inside the data module or Lightning's Trainer
+        ("data.batch_size=x", ["data.batch_size", "'x'"]),
+        ("trainer.limit_val_batches=-1", ["trainer:", "-1 for limit_val_batches"]),
+    ],
+)
+def test_test_py_checks_the_commands_settings(override, fragments, digits_run: Path, tmp_path: Path, user_error):
     checkpoint = digits_run / "checkpoints" / "last.ckpt"
-    message = user_error("test.py", [f"ckpt_path={checkpoint}", "data.batch_size=x"], tmp_path)
-    assert "data.batch_size" in message and "'x'" in message, message
+    message = user_error("test.py", [f"ckpt_path={checkpoint}", override], tmp_path)
+    for fragment in fragments:
+        assert fragment in message, message
 
 
 def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:

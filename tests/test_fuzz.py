@@ -258,6 +258,8 @@ OPTIONS = {
     "data.batch_size": st.one_of(st.integers(-2, 40), st.sampled_from(["0.5", "x", "null"])),
     "optimizer.lr": st.one_of(st.floats(-1, 1, allow_nan=False), st.sampled_from(["x", "null", "inf", "nan"])),
     "trainer.max_epochs": st.one_of(st.integers(-2, 2), st.sampled_from(["x", "1.5"])),
+    "trainer.limit_val_batches": st.sampled_from(["1", "0", "-1", "1.5", "x"]),
+    "trainer.accelerator": st.sampled_from(["cpu", "x", "1"]),
     "module.ema_decay": st.one_of(st.floats(-1, 2, allow_nan=False), st.sampled_from(["null", "x"])),
     "module.label_smoothing": st.one_of(st.floats(-1, 2, allow_nan=False), st.sampled_from(["x"])),
     "scheduler.warmup_epochs": st.one_of(st.integers(-2, 3), st.sampled_from(["x", "null"])),

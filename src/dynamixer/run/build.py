@@ -55,6 +55,19 @@ def check_section(section: str, values: dict[str, Any]) -> None:
         check_types(get_object(values["_target_"]), values, section)
 
 
+def build_trainer(node: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The Trainer of `node` (the `trainer` section): a value Lightning refuses (`limit_val_batches=-1`,
+    `accelerator=x`) is a user's error naming the section, as a value of the wrong type is (`check_sections`)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return instantiate_checked(node, **kwargs)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, (MisconfigurationException, ValueError)):
+            raise
+        raise ConfigError(f"trainer: {str(err.__cause__).rstrip('.')}. Give the trainer settings values it takes") from None
+
+
 def dry_build(section: str, make: Any) -> Any:
     """`make()`: a partial of the config built once on a stand-in, so that what its own checks refuse (torch's
     "Invalid learning rate") is a user's error now, naming the section, not a traceback at the first step."""

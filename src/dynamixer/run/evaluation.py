@@ -7,16 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data import build_transform, load_rgb
 from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from dynamixer.lit_module import ImageClassifier
-from dynamixer.run.build import check_section, check_sections, instantiate_checked
+from dynamixer.run.build import build_trainer, check_section, check_sections, instantiate_checked
 from dynamixer.run.checkpoints import load_model
 from dynamixer.run.stored_config import StoredRun
 from dynamixer.utils.launch import command_overrides
@@ -35,7 +33,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_checked(data)
     check_class_names(stored.data_info["class_names"], datamodule.class_names, cfg)
     module = ImageClassifier(model=model, num_classes=stored.num_classes, optimizer=None)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
+    trainer = build_trainer(cfg.trainer, logger=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     results = {
         "checkpoint": str(cfg.ckpt_path),

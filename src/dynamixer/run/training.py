@@ -24,7 +24,7 @@ from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit, read_checkpoint
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.lightning_internals import launched_ranks
-from dynamixer.run.build import build, check_sections, instantiate_checked, model_size
+from dynamixer.run.build import build, build_trainer, check_sections, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_checkpoint
 from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.utils.launch import (
@@ -228,7 +228,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [
         AtomicCheckpointIO(run_id, resumed, read_checkpoint)
     ]
-    trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
     size = model_size(module.model)
     for logger in trainer.loggers:
