@@ -166,11 +166,14 @@ def test_what_is_never_built_from_a_checkpoint_cannot_stop_it_being_used(
 def test_a_checkpoint_cannot_choose_the_fused_kernel(trained, tmp_path: Path) -> None:
     """Test/predict/export compute a checkpoint with the PyTorch ops whatever its config says: the Triton kernel
     needs Triton and a GPU, which is the command's choice (and untested code is not a file's to pick)."""
-    from dynamixer.run.stored_config import read_stored_run
+    from dynamixer.models.dynamixer import DynaMixerOp
+    from dynamixer.run.checkpoints import load_model
 
     evil = craft_config(trained, tmp_path, {"model.fused_mix": True})
-    stored = read_stored_run(read_checkpoint(evil), str(evil))
-    assert stored.model["fused_mix"] is False and stored.model["model_name"] == "dynamixer_tiny"
+    model, stored = load_model(str(evil))
+    assert "fused_mix" not in stored.model and stored.model["model_name"] == "dynamixer_tiny"
+    mixes = [m for m in model.modules() if isinstance(m, DynaMixerOp)]
+    assert mixes and not any(m.fused for m in mixes)
 
 
 def test_a_checkpoint_without_our_format_version_gets_a_clear_error(trained, tmp_path: Path, user_error) -> None:

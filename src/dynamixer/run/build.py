@@ -65,7 +65,9 @@ def build_trainer(node: DictConfig, **kwargs: Any) -> L.Trainer:
     except InstantiationException as err:
         if not isinstance(err.__cause__, (MisconfigurationException, ValueError)):
             raise
-        raise ConfigError(f"trainer: {str(err.__cause__).rstrip('.')}. Give the trainer settings values it takes") from None
+        raise ConfigError(
+            f"trainer: {str(err.__cause__).rstrip('.')}. Give the trainer settings values it takes"
+        ) from None
 
 
 def dry_build(section: str, make: Any) -> Any:

@@ -16,7 +16,8 @@ from dynamixer.errors import CheckpointError, ConfigError, DataError, MissingPat
 from dynamixer.lit_module import ImageClassifier
 from dynamixer.run.build import build_trainer, check_section, check_sections, instantiate_checked
 from dynamixer.run.checkpoints import load_model
-from dynamixer.run.stored_config import StoredRun
+from dynamixer.run.stored_config import NOT_SETTINGS, StoredRun, builders
+from dynamixer.schema import Role, role_of, roles
 from dynamixer.utils.launch import command_overrides
 from dynamixer.utils.results import write_results
 
@@ -51,27 +52,47 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def eval_data_config(stored: StoredRun, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """The checkpoint's data section with this command's `data.<key>=...` overrides on top (keys of that
-    data option only). The command's own keys (where data is read and files written, how fast) were never
-    taken from the file: the option's values are resolved with this command's `paths` (its run folder)."""
+    """The checkpoint's data: its trained settings, with this command's settings of that data module (where
+    data is read and files are written, how fast: `command_data_option`) and its `data.<key>=...` overrides
+    (keys of that module only) on top. Values of the option are resolved with this command's `paths`."""
     paths = {"paths": OmegaConf.to_container(cfg.paths, resolve=True)}
+    target = stored.data["_target_"]
+    builder = builders("data")[target]
     data = {
         k: OmegaConf.create({**paths, "v": v}).v if isinstance(v, str) and "${" in v else v
-        for k, v in stored.data.items()
+        for k, v in command_data_option(target).items()
+        if role_of(builder, k) is not Role.TRAINED
     }
+    data.update(stored.data)
+    settings = roles(builder)
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         if key == "data" or not key.startswith("data."):
             continue
         name = key.split(".")[1]
-        if name not in data or name == "_target_":
+        if name not in settings or name in NOT_SETTINGS:
             raise ConfigError(
-                f"{key} is not a setting of the checkpoint's data ({data['_target_']}); its settings: "
-                f"{', '.join(k for k in sorted(data) if k != '_target_')}"
+                f"{key} is not a setting of the checkpoint's data ({target}); its settings: "
+                f"{', '.join(k for k in sorted(settings) if k not in NOT_SETTINGS)}"
             )
         value = OmegaConf.select(cfg, f"data.{name}")
         data[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return data
+
+
+def command_data_option(target: str) -> dict[str, Any]:
+    """The data option of this command's own config (`conf/data/<name>.yaml` of the running Hydra app) that
+    builds `target`, unresolved; empty where it has none (then the module's own defaults apply)."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return {}
+    for name in GlobalHydra.instance().config_loader().get_group_options("data"):
+        option = OmegaConf.to_container(compose(overrides=[f"+data={name}"]).data, resolve=False)
+        if option.get("_target_") == target:
+            return option
+    return {}
 
 
 def check_class_names(trained: list[str], found: list[str], cfg: DictConfig) -> None:

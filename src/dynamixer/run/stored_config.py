@@ -1,33 +1,32 @@
 """The run config stored in a checkpoint, read as untrusted data.
 
 A checkpoint's `run_config` is whatever its author wrote. Nothing of it is interpolated, resolved or
-instantiated by the name it gives: each section that test/predict/export rebuild (`model`, `data`) is
-matched to one of our own options in `conf/<section>/` by the `_target_` (and `model_name`) it names;
-the class built is that option's, and only plain values (numbers, strings, booleans, lists and maps of
-them) of the trained keys that option or its class takes are read from the file, each of the kind the option
-has. The keys of the command (`dynamixer.schema`: where data is read and files are written, how fast, where
-weights were first loaded from) are never taken from a file: they keep the option's own values, which the
-command resolves (timm's `pretrained`, URLs and Hub ids are no keys of ours). A new option in `conf/` is
-readable from its first checkpoint on.
+instantiated by the name it gives, and nothing of `conf/` is needed to read it: the checkpoint describes its
+run. The sections test/predict/export rebuild (`model`, `data`) must name one of our own builders by
+`_target_`: the model factory with a DynaMixer variant timm has registered, or one of the data modules of
+`dynamixer.data`. Of the settings that builder takes, only the trained ones (`dynamixer.schema`) are read,
+each a plain value of the type its parameter declares. The settings of the command (where data is read and
+files are written, how fast, where weights were first loaded from) are never taken from a file: the model
+takes its builder's defaults, the data this command's values (`run.evaluation`).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-import yaml
-from hydra.utils import get_object
+import timm
 
-from dynamixer.errors import CheckpointError
-from dynamixer.schema import Role, role_of
+from dynamixer.errors import CheckpointError, ConfigError
+from dynamixer.schema import Role, check_types, roles
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-# constructor arguments that are not run settings
-NOT_SETTINGS = {"self", "device", "dtype", "num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay"}
+MODEL_FACTORY = "dynamixer.models.create_model"
+# arguments of the builders that are no run settings: the class count is the checkpoint's own field
+NOT_SETTINGS = {"self", "kwargs", "device", "dtype", "num_classes", "pretrained", "pretrained_cfg"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box", "random")
 
 
@@ -75,87 +74,70 @@ def plain(value: Any, where: str, source: str, hydra_keys: bool = False) -> Any:
     raise _refuse(source, f"{where} is a {type(value).__name__}, not a plain value")
 
 
-def _same_kind(value: Any, default: Any) -> bool:
-    """Whether a stored value is of the kind of our option's default (any kind where that is unset or an
-    interpolation of ours)."""
-    if default is None or value is None or (isinstance(default, str) and "${" in default):
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
-    return isinstance(value, type(default))
-
-
 @cache
-def options(section: str) -> dict[str, dict[str, Any]]:
-    """Our options of a config group, by name, as `conf/<section>/<name>.yaml` composes them: an option that
-    starts from another option of its group (`defaults: [<name>, _self_]`) has that one's keys under its own."""
-    found = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / section).glob("*.yaml"))}
+def builders(section: str) -> dict[str, Any]:
+    """The builders a stored `section` may name, by the `_target_` a config writes: for `model`, the model
+    factory; for `data`, each data module of the package `dynamixer.data` (by its module's path, and by the
+    package's name where it exports it): a new module there is readable from its first checkpoint on."""
+    if section == "model":
+        from dynamixer.models import create_model
 
-    def composed(name: str) -> dict[str, Any]:
-        option = found[name]
-        bases = [d for d in option.get("defaults", []) if isinstance(d, str) and d in found and d != name]
-        merged: dict[str, Any] = {}
-        for base in bases:
-            merged.update(composed(base))
-        merged.update({k: v for k, v in option.items() if k != "defaults"})
-        return merged
+        return {MODEL_FACTORY: create_model}
+    import dynamixer.data
 
-    return {name: composed(name) for name in found}
+    for module in pkgutil.iter_modules(dynamixer.data.__path__):  # our own files, never a name from the file
+        importlib.import_module(f"dynamixer.data.{module.name}")
+    found, todo = {}, list(dynamixer.data.ClassificationDataModule.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("dynamixer.data."):
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+            if getattr(dynamixer.data, cls.__name__, None) is cls:
+                found[f"dynamixer.data.{cls.__name__}"] = cls
+    return found
 
 
-def _settings_of(target: str) -> set[str]:
-    """The keyword arguments a target of ours takes that are run settings (for the model factory: the model's)."""
-    built = get_object(target)
-    built = getattr(built, "passes_kwargs_to", built)  # the model factory: the model's settings
-    params = inspect.signature(built).parameters.values()
+def trained_settings(target: Any) -> set[str]:
+    """The trained settings `target` takes: its keyword parameters without a role, of a plain default or none
+    (not `norm_layer`: a class is built, never read)."""
+    built = getattr(target, "passes_kwargs_to", target)  # the model factory: the model's settings
+    functions = [c.__init__ for c in inspect.getmro(built) if "__init__" in vars(c)] if inspect.isclass(built) else []
     plain_default = (type(None), bool, int, float, str, tuple)
-    return {
+    settable = {
         p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.name not in NOT_SETTINGS
-        and (p.default is inspect.Parameter.empty or isinstance(p.default, plain_default))
+        for function in [*functions, target]
+        for p in inspect.signature(function).parameters.values()
+        if p.default is inspect.Parameter.empty or isinstance(p.default, plain_default)
     }
+    return {k for k, role in roles(target).items() if role is Role.TRAINED and k in settable} - NOT_SETTINGS
 
 
 def rebuild_section(run_config: dict[str, Any], section: str, source: str) -> dict[str, Any]:
-    """The stored `section` as one of our options: its `_target_`, the stored values of its keys."""
+    """The stored `section` as a config of one of our builders: its `_target_` and the stored values of its
+    trained settings, type-checked. The settings of the command are left out (the builder's defaults, or the
+    command's values, apply)."""
     stored = run_config.get(section)
     if not isinstance(stored, dict):
         raise _refuse(source, f"it has no {section} section")
-    identity = {k: stored.get(k) for k in ("_target_", "model_name") if k in stored}
-    matches = [
-        (name, option)
-        for name, option in options(section).items()
-        if all(option.get(k) == v for k, v in identity.items()) and option.get("_target_")
-    ]
-    if not matches:
-        offered = sorted({str(o.get("_target_")) for o in options(section).values()})
-        names = ", ".join(f"{k}={v!r}" for k, v in identity.items()) or "no _target_"
-        raise _refuse(source, f"its {section} names {names}, which no option in conf/{section}/ builds ({offered})")
-    name, option = matches[0]
-    target = get_object(option["_target_"])  # ours, from conf/: never a name the file gives
-    allowed = (set(option) | _settings_of(option["_target_"])) - {"_target_", "_partial_"}
-    unknown = sorted(set(stored) - allowed - {"_target_"})
+    name = stored.get("_target_")
+    known = builders(section)
+    if name not in known:
+        raise _refuse(source, f"its {section} names _target_={name!r}, which is none of ours ({sorted(known)})")
+    target = known[name]  # ours: never a name the file gives
+    if section == "model" and stored.get("model_name") not in timm.list_models(module="dynamixer"):
+        variants = timm.list_models(module="dynamixer")
+        raise _refuse(source, f"model.model_name={stored.get('model_name')!r} is no DynaMixer variant ({variants})")
+    settings = trained_settings(target)
+    unknown = sorted(set(stored) - {"_target_", "_partial_"} - set(roles(target)))
     if unknown:
-        raise _refuse(source, f"{section}.{unknown[0]} is no setting of conf/{section}/{name}.yaml")
-    values: dict[str, Any] = {"_target_": option["_target_"]}
-    for key in sorted(allowed):
-        if role_of(target, key) is not Role.TRAINED:  # the command's: the option's own value, if it has one
-            if key in option:
-                values[key] = option[key]
-        elif key in stored:
-            value = plain(stored[key], f"{section}.{key}", source)
-            if not _same_kind(value, option.get(key)):
-                raise _refuse(source, f"{section}.{key}={value!r} is not of the kind of conf/{section}/{name}.yaml")
-            values[key] = value
-        elif key in option:
-            if isinstance(option[key], str) and "${" in option[key]:
-                raise _refuse(source, f"it has no value of {section}.{key}")
-            values[key] = option[key]
-    return values
+        raise _refuse(source, f"{section}.{unknown[0]} is no setting of {name}")
+    values = {k: plain(stored[k], f"{section}.{k}", source) for k in sorted(settings & set(stored))}
+    try:
+        check_types(target, values, section)
+    except ConfigError as err:
+        raise _refuse(source, str(err).split(": give ")[0]) from None
+    return {"_target_": name, **values}
 
 
 def _data_info(info: Any, num_classes: Any, source: str) -> dict[str, Any]:
