@@ -202,7 +202,6 @@ class DynaMixerTokenMixer(nn.Module):
         channel_bias: bool = False,
         proj_drop: float = 0.0,
         mixing: Literal["dynamic", "static"] = "dynamic",
-        fused_mix: bool = False,
         device=None,
         dtype=None,
     ):
@@ -211,8 +210,8 @@ class DynaMixerTokenMixer(nn.Module):
         if fusion not in ("reweight", "sum"):
             raise ConfigError(f"fusion={fusion!r} is not known: use 'reweight' (the release) or 'sum'")
         height, width = resolution
-        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, fused=fused_mix, **dd)
-        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, fused=fused_mix, **dd)
+        self.mix_h = DynaMixerOp(dim, height, segments, reduced_dim, mixing, token_dim=1, **dd)
+        self.mix_w = DynaMixerOp(dim, width, segments, reduced_dim, mixing, **dd)
         self.mlp_c = nn.Linear(dim, dim, bias=channel_bias, **dd)
         self.reweight = Mlp(dim, dim // 4, dim * 3, **dd) if fusion == "reweight" else None
         self.proj = nn.Linear(dim, dim, **dd)
@@ -268,7 +267,6 @@ class DynaMixerBlock(nn.Module):
         fusion: Literal["reweight", "sum"] = "reweight",
         mixing: Literal["dynamic", "static"] = "dynamic",
         channel_bias: bool = False,
-        fused_mix: bool = False,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
@@ -288,7 +286,6 @@ class DynaMixerBlock(nn.Module):
             channel_bias=channel_bias,
             proj_drop=proj_drop,
             mixing=mixing,
-            fused_mix=fused_mix,
             **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -400,7 +397,7 @@ class DynaMixer(nn.Module):
     the tokens (the control of the paper's claim); `fusion="sum"` sums the branches instead of re-weighting.
     `grad_checkpointing` recomputes each stage's activations in the backward pass instead of keeping
     them (less training memory for about one more forward pass of time; `set_grad_checkpointing`).
-    `fused_mix` runs each dynamic op's generate -> softmax -> mix as one Triton kernel on CUDA (`DynaMixerOp`).
+    `fused_mix` runs each dynamic op's generate -> softmax -> mix as one Triton kernel on CUDA (`set_fused_mix`).
     `device` and `dtype` are where and in which dtype the parameters are created (timm's factory arguments).
     """
 
@@ -491,7 +488,6 @@ class DynaMixer(nn.Module):
                     fusion=fusion,
                     mixing=mixing,
                     channel_bias=channel_bias,
-                    fused_mix=fused_mix,
                     proj_drop=proj_drop_rate,
                     norm_layer=norm_layer,
                     **dd,
@@ -503,6 +499,7 @@ class DynaMixer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.set_fused_mix(fused_mix)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -528,6 +525,15 @@ class DynaMixer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fused_mix(self, enable: bool = True) -> None:
+        """Run each dynamic op's generate -> softmax -> mix as one Triton kernel where it can (`DynaMixerOp`)."""
+        ops = [m for m in self.modules() if isinstance(m, DynaMixerOp)]
+        if enable and not all(op.static for op in ops):
+            _require_fused_mix()
+        for op in ops:
+            op.fused = bool(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
