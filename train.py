@@ -2,9 +2,9 @@
 
 import signal
 
-# before the seconds of imports: a stop or requeue signal then waits, pending, for dynamixer.signals' handler
-# (which unblocks them as the run starts) instead of ending the process unsaved; the set is signals.NOTED,
-# written out because importing dynamixer is those seconds
+# before the seconds of imports: a stop or requeue signal then waits, pending, for the handler of
+# dynamixer.machinery.signals (which unblocks them as the run starts) instead of ending the process unsaved;
+# the set is signals.NOTED, written out because importing dynamixer is those seconds
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
 
 import hydra  # noqa: E402

@@ -21,7 +21,7 @@ import timm
 import torch
 
 import dynamixer  # noqa: F401  (registers the models with timm)
-from dynamixer.checkpoint_io import atomic_torch_save
+from dynamixer.machinery.checkpoint_io import atomic_torch_save
 from reporting import write_report
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dynamixer.checkpoint_io import AtomicCheckpointIO, previous_path
 from dynamixer.errors import CheckpointError
+from dynamixer.machinery.checkpoint_io import AtomicCheckpointIO
+from dynamixer.machinery.files import previous_path
 from dynamixer.run.checkpoints import resume_checkpoint
 from dynamixer.utils.results import write_results
 
@@ -22,7 +23,7 @@ from dynamixer.utils.results import write_results
 # itself) at one point of save `kill_in`: each point a fault-injection hook, so the kill lands exactly there
 WRITER = """
 import os, signal, sys, torch
-from dynamixer import checkpoint_io as cio
+from dynamixer.machinery import checkpoint_io as cio, files
 path, ours, kill_in, point = sys.argv[1], torch.load(sys.argv[2], weights_only=True), int(sys.argv[3]), sys.argv[4]
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 io = cio.AtomicCheckpointIO()
@@ -32,13 +33,13 @@ if point == "writing":  # in the middle of the bytes of the new file
     write, written = cio._Writes.write, []
     cio._Writes.write = lambda self, data: (written.append(1), len(written) == 3 and die(), write(self, data))[2]
 elif point == "kept":  # the replaced file kept as last.prev.ckpt, the new one not yet named
-    keep = cio._keep_previous
-    cio._keep_previous = lambda target: (keep(target), die())
+    keep = files._keep_previous
+    files._keep_previous = lambda target: (keep(target), die())
 elif point == "named":  # the new file named (a hidden temporary name), not yet renamed over last.ckpt
     replace = os.replace
     os.replace = lambda a, b: die() if str(b) == path else replace(a, b)
 elif point == "renamed":  # in place, the folder not yet synced
-    cio._fsync_folder = die
+    files._fsync_folder = die
 io.save_checkpoint({**ours, "global_step": kill_in, "w": torch.full((2**20,), float(kill_in))}, path)
 """
 

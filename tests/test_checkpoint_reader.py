@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamixer.checkpoint_io import AtomicCheckpointIO
 from dynamixer.checkpoint_reader import read_checkpoint
 from dynamixer.errors import CheckpointError
+from dynamixer.machinery.checkpoint_io import AtomicCheckpointIO
 from helpers import QUIET_FAST, files_state, run_dir
 from helpers import read_checkpoint as load_raw
 

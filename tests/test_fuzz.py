@@ -116,10 +116,10 @@ def restore(checked: dict, folder: Path) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from dynamixer.callbacks import MetricsHistory
-    from dynamixer.lightning_internals import loops_state_template  # noqa: F401  (the trainer below)
+    from dynamixer.machinery.lightning_internals import loops_state_template  # noqa: F401  (the trainer below)
+    from dynamixer.machinery.rng import rng_states, set_rng_states
     from dynamixer.run.build import instantiate_checked
     from dynamixer.run.stored_config import read_stored_run
-    from dynamixer.utils.rng import rng_states, set_rng_states
     from helpers import cpu_trainer
 
     before = rng_states()

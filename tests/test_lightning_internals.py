@@ -1,4 +1,4 @@
-"""The Lightning private state dynamixer reads is where `dynamixer.lightning_internals` expects it, with the
+"""The Lightning private state dynamixer reads is where `dynamixer.machinery.lightning_internals` expects it, with the
 values it expects; a release that moves it fails here, naming the attribute, before a resume goes wrong."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch.utils.data import DataLoader, TensorDataset
 
-from dynamixer import lightning_internals as internals
-from dynamixer.callbacks import ResumableCheckpoint
+from dynamixer.machinery import lightning_internals as internals
+from dynamixer.machinery.callbacks import ResumableCheckpoint
 from helpers import cpu_trainer, tiny_module
 
 
@@ -69,7 +69,7 @@ def test_with_the_sigterm_notifier_quiet_fit_s_handler_calls_only_ours() -> None
     import signal
     import threading
 
-    from dynamixer import signals
+    from dynamixer.machinery import signals
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     internals.quiet_sigterm_notifier(trainer)

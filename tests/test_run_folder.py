@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamixer.run.run_folder import RunFolderError, claim_run_folder
+from dynamixer.machinery.run_folder import RunFolderError, claim_run_folder
 from dynamixer.schedules import cosine_with_warmup
 from helpers import QUIET_FAST, QUIET_TRAIN, compose_job_config, compose_train_config, files_state, run_dir
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dynamixer import signals
-from dynamixer.callbacks import StopOnSignal
-from dynamixer.run.run_folder import CLAIM
+from dynamixer.machinery import signals
+from dynamixer.machinery.callbacks import StopOnSignal
+from dynamixer.machinery.run_folder import CLAIM
 from helpers import (
     QUIET_TRAIN,
     cpu_trainer,

@@ -301,7 +301,7 @@ def _validated(model: Any, value: Any, field: str) -> Any:
 
 def validate(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
     """The fields of a loaded checkpoint that are restored, validated (see the module's docstring)."""
-    from dynamixer.lightning_internals import loops_state_template
+    from dynamixer.machinery.lightning_internals import loops_state_template
 
     _check_plain(raw, source)
     if not isinstance(raw, dict):
@@ -346,7 +346,7 @@ def validate(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
             ],
             "callbacks": _callbacks(raw.get("callbacks", {}), folder),
         }
-        if raw.get("run_id") is not None:  # the run that saved it (dynamixer.run.run_folder)
+        if raw.get("run_id") is not None:  # the run that saved it (dynamixer.machinery.run_folder)
             checked["run_id"] = _validated(RunId, raw["run_id"], "run_id")
         if isinstance(raw.get("hparams_name"), str):
             checked["hparams_name"] = raw["hparams_name"][:256]

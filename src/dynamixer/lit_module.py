@@ -22,11 +22,11 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
-from dynamixer.lightning_internals import is_compiled
+from dynamixer.machinery.lightning_internals import is_compiled
+from dynamixer.machinery.rng import rng_states, set_rng_states
 from dynamixer.models import DynaMixerOp
 from dynamixer.schema import Speed
 from dynamixer.utils.provenance import provenance
-from dynamixer.utils.rng import rng_states, set_rng_states
 
 __all__ = ["CHECKPOINT_FORMAT", "ImageClassifier"]
 

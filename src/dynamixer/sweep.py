@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 
 from dynamixer.bounded import load_yaml, parse_yaml, read_text
 from dynamixer.errors import EXIT_USER_ERROR, DataError, MissingPathError, UserError
-from dynamixer.utils.results import RESULTS_FILE, write_file
+from dynamixer.machinery.files import write_file
+from dynamixer.utils.results import RESULTS_FILE
 from dynamixer.utils.tracking import REPLICATE_KEY
 
 METRICS = ("val/acc1", "val/ema_acc1", "val/acc5", "val/loss")

@@ -16,7 +16,7 @@ from dynamixer.data.identity import differences
 from dynamixer.data.sampling import ResumableSampler, SeededSamples
 from dynamixer.data.transforms import TRAIN_AUG_KEYS, build_transform
 from dynamixer.errors import ConfigError, DataError, SharedDataError
-from dynamixer.lightning_internals import batches_done
+from dynamixer.machinery.lightning_internals import batches_done
 from dynamixer.schema import Speed
 
 # ImageNet's loader and the paper's augmentation (conf/data/imagenet_recipe.yaml states all of it), for the

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dynamixer.data.identity import DIGEST, IMAGE_EDGE, digest_of, file_digests
 from dynamixer.errors import DataError
+from dynamixer.machinery.files import write_atomic
 
 INDEX_FORMAT = 2
 _MAX_BYTES = 256 << 20  # the decompressed index of ImageNet is ~60 MB; more is not an index of ours
@@ -154,11 +156,13 @@ class FileIndex:
             "counts": self.counts(),
             "splits": self.splits,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with gzip.open(tmp, "wt", compresslevel=1) as f:
-            json.dump(payload, f, separators=(",", ":"))
-        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+
+        def write(file: BinaryIO) -> None:  # streamed: an index of a million files is not held twice
+            with gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1) as packed:
+                with io.TextIOWrapper(packed, encoding="utf-8") as text:
+                    json.dump(payload, text, separators=(",", ":"))
+
+        write_atomic(path, write)  # readers see the old index or the new one, never half of one
 
     @classmethod
     def read(cls, path: Path) -> FileIndex:

@@ -50,7 +50,7 @@ from dynamixer.data.identity import SHARD_EDGE, digest_of, files_identity
 from dynamixer.data.images import load_rgb
 from dynamixer.data.sampling import generator_states, restore_generators, sample_seed, seed_generators
 from dynamixer.errors import ConfigError, DataError
-from dynamixer.lightning_internals import epoch_being_trained
+from dynamixer.machinery.lightning_internals import epoch_being_trained
 from dynamixer.schema import Location
 
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # what the converter writes: the folder source's

@@ -11,9 +11,9 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from dynamixer.checkpoint_io import previous_path, remove_stale_temporaries
 from dynamixer.checkpoint_reader import check_weights_fit, read_checkpoint, typed_text
 from dynamixer.errors import CheckpointError, MissingPathError
+from dynamixer.machinery.files import previous_path, remove_stale_temporaries
 from dynamixer.models.weights import training_weights
 from dynamixer.run.stored_config import StoredRun, read_stored_run
 from dynamixer.schema import Role, role_of

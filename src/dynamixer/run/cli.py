@@ -24,9 +24,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from dynamixer import signals
 from dynamixer.errors import EXIT_USER_ERROR, SharedDataError, UserError
-from dynamixer.utils.launch import uncompleted_slurm_jobs
+from dynamixer.machinery import signals
+from dynamixer.machinery.requeue import uncompleted_slurm_jobs
 
 USER_ERRORS = (UserError, ConfigCompositionException, OverrideParseException, MissingMandatoryValue)
 # whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); kept in the environment for DDP's re-launched ranks

@@ -18,17 +18,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from dynamixer import signals
-from dynamixer.callbacks import MetricsHistory, RebuildSchedule
-from dynamixer.checkpoint_io import AtomicCheckpointIO
+from dynamixer.callbacks import MetricsHistory
 from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit, read_checkpoint
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
-from dynamixer.lightning_internals import launched_ranks
+from dynamixer.machinery import signals
+from dynamixer.machinery.callbacks import RebuildSchedule
+from dynamixer.machinery.checkpoint_io import AtomicCheckpointIO
+from dynamixer.machinery.lightning_internals import launched_ranks
+from dynamixer.machinery.requeue import RequeueLimitReached, requeue_slurm_job, slurm_restarts
+from dynamixer.machinery.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.run.build import build, build_trainer, check_sections, instantiate_checked, model_size
 from dynamixer.run.checkpoints import check_resume_config, resume_checkpoint
-from dynamixer.run.run_folder import RunFolderError, claim_run_folder, record_config
 from dynamixer.utils.launch import (
-    RequeueLimitReached,
     check_devices,
     command_overrides,
     cpu_bf16_warning,
@@ -37,8 +38,6 @@ from dynamixer.utils.launch import (
     is_multirun,
     job_slot,
     release_distributed,
-    requeue_slurm_job,
-    slurm_restarts,
 )
 from dynamixer.utils.provenance import provenance
 from dynamixer.utils.results import write_results

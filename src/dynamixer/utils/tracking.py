@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from dynamixer.lightning_internals import started_wandb_run
+from dynamixer.machinery.lightning_internals import started_wandb_run
 from dynamixer.utils.launch import is_multirun
 
 REPLICATE_KEY = "seed"  # jobs of a sweep that differ only in it are replicates of one setting

@@ -1,7 +1,7 @@
 """The stop and requeue signals (SIGTERM, SIGUSR1, SIGUSR2), noted by a handler of ours for a run's whole life.
 
 A handler only notes what arrived, so no signal ends a run at a random point (a cluster's warning during
-start-up included). Inside training `dynamixer.callbacks.StopOnSignal` acts on it after the step: that step is
+start-up included). Inside training `dynamixer.machinery.callbacks.StopOnSignal` acts on it after the step: that step is
 checkpointed and, for a requeue signal, the job requeued. A signal that training did not act on (it came
 after the last step) ends the process with 128 + its number once the run's results are written. Lightning
 wraps SIGTERM in a handler of its own at the start of `fit` (it broadcasts from inside the handler, which can

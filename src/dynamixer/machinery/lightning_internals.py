@@ -64,7 +64,7 @@ def stop_after_this_step(trainer: L.Trainer) -> None:
 def skip_stop_flag_broadcast(trainer: L.Trainer) -> None:
     """Drop the broadcast of the stop flag from rank 0 that Lightning's training loop runs before every step
     under DDP (a collective and a read of its result: the step waits on the device). Only for a trainer whose
-    ranks set the flag together, at the same step (`dynamixer.callbacks.StopOnSignal`)."""
+    ranks set the flag together, at the same step (`dynamixer.machinery.callbacks.StopOnSignal`)."""
     loop = _private(trainer, "fit_loop.epoch_loop")
     _private(loop, "_broadcast_sigterm_tensor")
     loop._broadcast_sigterm_tensor = lambda: None
@@ -72,7 +72,7 @@ def skip_stop_flag_broadcast(trainer: L.Trainer) -> None:
 
 def quiet_sigterm_notifier(trainer: L.Trainer) -> None:
     """Make the SIGTERM handler Lightning installs as `fit` starts call only the handler it found (ours,
-    `dynamixer.signals`), not its notifier. Before `fit` registers its handlers (a callback's `setup`)."""
+    `dynamixer.machinery.signals`), not its notifier. Before `fit` registers its handlers (a callback's `setup`)."""
     connector = _private(trainer, "_signal_connector")
     _private(connector, "_sigterm_notifier_fn")
     connector._sigterm_notifier_fn = lambda signum, frame: None

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dynamixer.errors import UserError
-from dynamixer.utils.results import write_file
+from dynamixer.machinery.files import write_file
 
 CLAIM = ".dynamixer-run"  # created exclusively by the fresh start that owns the folder
 # what a run leaves in its folder (besides the claim): a folder with one of these holds a run
