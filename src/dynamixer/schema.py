@@ -7,6 +7,8 @@ a resume may change them:
 - `Location`: where data is read or a file is written;
 - `Speed`: how fast the same thing is computed (loader workers, recomputation, kernels, compilation);
 - `Init`: where weights were first initialised from (the checkpoint's own weights replace them).
+`Extendable` is trained, and a resume with `extend=true` may change it: the length of a run.
+Lightning's Trainer declares no roles: `TRAINER_ROLES` declares them for it.
 The resume comparison (`dynamixer.run.checkpoints`) and the reading of stored configs
 (`dynamixer.run.stored_config`) both ask `roles`.
 """
@@ -28,11 +30,28 @@ class Role(enum.Enum):
     LOCATION = "location"
     SPEED = "speed"
     INIT = "init"
+    EXTENDABLE = "extendable"
 
 
 Location = Annotated[T, Role.LOCATION]
 Speed = Annotated[T, Role.SPEED]
 Init = Annotated[T, Role.INIT]
+Extendable = Annotated[T, Role.EXTENDABLE]
+
+TRAINER = "lightning.pytorch.trainer.trainer.Trainer"
+# what of Lightning's Trainer decides what is trained: the steps (how many, of which batches, accumulated,
+# clipped, at which precision); every other parameter says how or where it runs (devices, logging, validation)
+TRAINER_ROLES = {
+    "max_epochs": Role.EXTENDABLE,
+    "max_steps": Role.EXTENDABLE,
+    "limit_train_batches": Role.TRAINED,
+    "overfit_batches": Role.TRAINED,
+    "accumulate_grad_batches": Role.TRAINED,
+    "precision": Role.TRAINED,
+    "gradient_clip_val": Role.TRAINED,
+    "gradient_clip_algorithm": Role.TRAINED,
+    "default_root_dir": Role.LOCATION,
+}
 
 
 @cache
@@ -64,7 +83,10 @@ def _hints(functions: list[Callable[..., Any]]) -> dict[str, Any]:
 
 
 def roles(target: Callable[..., Any]) -> dict[str, Role]:
-    """The declared role of each keyword parameter of `target` (see `annotations`); without one: trained."""
+    """The declared role of each keyword parameter of `target` (see `annotations`); without one: trained.
+    Lightning's Trainer: `TRAINER_ROLES`, speed for the parameters it does not name."""
+    if f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}" == TRAINER:
+        return {name: TRAINER_ROLES.get(name, Role.SPEED) for name in annotations(target)}
     return {
         name: next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Role)), Role.TRAINED)
         for name, hint in annotations(target).items()

@@ -61,39 +61,29 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     return str(ckpt_path), read_checkpoint(ckpt_path)
 
 
-# what a resume must train as before: these sections (each key of theirs whose role is trained, see
-# `dynamixer.schema`) and the trainer settings that decide the steps (Lightning's, which declare no roles)
-TRAINED = ("data", "model", "module", "optimizer", "scheduler", "seed")
-TRAINED_TRAINER_KEYS = (
-    "max_epochs",
-    "max_steps",
-    "limit_train_batches",
-    "overfit_batches",
-    "accumulate_grad_batches",
-    "precision",
-    "gradient_clip_val",
-    "gradient_clip_algorithm",
-)
-EXTENDABLE = ("trainer.max_epochs", "trainer.max_steps")
-
-
 def _flat(node: Any, prefix: str) -> dict[str, Any]:
     if isinstance(node, dict) and node:
         return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
     return {prefix: node}
 
 
-def _trained(config: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
-    """The flattened keys of a run config that define what is trained; `targets`: each section's class (of
-    this command's config: a name in a file is never imported), whose parameters declare their roles."""
-    keys = {}
-    for section in TRAINED:
+def _built(config: dict[str, Any]) -> set[str]:
+    """The sections of a run config that build an object (`_target_`)."""
+    return {k for k, node in config.items() if isinstance(node, dict) and isinstance(node.get("_target_"), str)}
+
+
+def _trained(config: dict[str, Any], sections: set[str], targets: dict[str, Any]) -> dict[str, tuple[Any, Role]]:
+    """The flattened keys of a run config that define what is trained, with their roles: `seed`, and each key
+    of `sections` whose parameter's role is trained or extendable (`dynamixer.schema`). `targets`: each
+    section's class, of this command's config (a name in a file is never imported); a section this command
+    does not build is compared whole."""
+    keys = {"seed": (config.get("seed"), Role.TRAINED)}
+    for section in sorted(sections):
         for key, value in _flat(config.get(section), section).items():
             name = key.split(".")[1] if "." in key else ""
-            if section not in targets or role_of(targets[section], name) is Role.TRAINED:
-                keys[key] = value
-    trainer = config.get("trainer") or {}
-    keys.update({f"trainer.{k}": trainer.get(k) for k in TRAINED_TRAINER_KEYS})
+            role = role_of(targets[section], name) if section in targets else Role.TRAINED
+            if role in (Role.TRAINED, Role.EXTENDABLE):
+                keys[key] = (value, role)
     return keys
 
 
@@ -102,17 +92,16 @@ def check_resume_config(ckpt_path: str, checkpoint: dict[str, Any], cfg: DictCon
     command that changes it. With `extend=true` a new `trainer.max_epochs`/`max_steps` is accepted (the
     schedule is then rebuilt for it): returns `{key: [old, new]}` of those, or None."""
     now_config = OmegaConf.to_container(cfg, resolve=True)
-    targets = {
-        section: get_object(node["_target_"])
-        for section in TRAINED
-        if isinstance(node := now_config.get(section), dict) and isinstance(node.get("_target_"), str)
-    }
-    stored = _trained(read_stored_run(checkpoint, ckpt_path).run_config, targets)
-    now = _trained(now_config, targets)
+    stored_config = read_stored_run(checkpoint, ckpt_path).run_config
+    targets = {section: get_object(now_config[section]["_target_"]) for section in _built(now_config)}
+    sections = _built(now_config) | _built(stored_config)
+    stored, now = (_trained(config, sections, targets) for config in (stored_config, now_config))
+    roles = {k: role for k, (_, role) in (stored | now).items()}
+    stored, now = ({k: value for k, (value, _) in keys.items()} for keys in (stored, now))
     # typed: Lightning reads limit_train_batches=1 as one batch and 1.0 as the whole epoch
     keys = sorted(stored.keys() | now.keys())
     differ = {k: [stored.get(k), now.get(k)] for k in keys if typed_text(stored.get(k)) != typed_text(now.get(k))}
-    extended = {k: v for k, v in differ.items() if k in EXTENDABLE} if cfg.get("extend") else {}
+    extended = {k: v for k, v in differ.items() if roles[k] is Role.EXTENDABLE} if cfg.get("extend") else {}
     refused = {k: v for k, v in differ.items() if k not in extended}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
