@@ -43,7 +43,7 @@ def corrupt_tree(tmp_path: Path, index: int = 0) -> Path:
 # (name, overrides given the tmp path, fragments the message must hold)
 CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ("missing data folder", lambda t: [*IMAGENET, f"data.data_dir={t / 'nowhere'}"], ["nowhere", "does not exist"]),
-    ("the base of the ImageNet sources", lambda t: ["data=imagenet_recipe"], ["no data module", "data=imagenet"]),
+    ("the base of the ImageNet sources", lambda t: ["data=imagenet_loader"], ["no data module", "data=imagenet"]),
     ("empty data folder", lambda t: [*IMAGENET, f"data.data_dir={(t / 'empty').mkdir() or t / 'empty'}"], ["train"]),
     (
         "train/val classes differ",

@@ -58,7 +58,7 @@ def test_every_model_config_exposes_the_ablation_axes(option: str, tmp_path: Pat
     assert model.model_name == option
 
 
-@pytest.mark.parametrize("option", [o for o in GROUPS["data"] if o != "imagenet_recipe"])  # not the base
+@pytest.mark.parametrize("option", [o for o in GROUPS["data"] if o != "imagenet_loader"])  # not the base
 def test_data_configs_state_the_same_defaults_as_their_classes(option: str) -> None:
     """A data module built from Python (no config) is the one its conf/data file describes: every value the
     file states (not an interpolation) equals the class's own default, its train_aug included."""

@@ -139,7 +139,7 @@ def test_help_lists_the_config_groups(tmp_path):
     out = proc.stdout
     for group, options in (
         ("model", "dynamixer_l, dynamixer_m, dynamixer_s, dynamixer_tiny"),
-        ("data", "cifar, digits, hf, imagenet, imagenet_recipe, wds"),
+        ("data", "cifar, digits, hf, imagenet, imagenet_loader, wds"),
         ("optimizer", "adamw, sgd"),
         ("hardware", "cpu, default, gpu, gpu8_ddp, slurm, slurm_cpu"),
     ):

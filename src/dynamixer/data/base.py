@@ -19,7 +19,7 @@ from dynamixer.errors import ConfigError, DataError, SharedDataError
 from dynamixer.machinery.lightning_internals import batches_done
 from dynamixer.schema import Speed
 
-# ImageNet's loader and the paper's augmentation (conf/data/imagenet_recipe.yaml states all of it), for the
+# ImageNet's loader and the paper's augmentation (conf/data/imagenet_loader.yaml states all of it), for the
 # data modules of each ImageNet source: decoding needs workers, RandAugment and random erasing
 IMAGENET_DEFAULTS = {"num_workers": 8}
 IMAGENET_TRAIN_AUG = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}

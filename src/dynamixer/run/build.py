@@ -81,9 +81,9 @@ def dry_build(section: str, make: Any) -> Any:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ImageClassifier]:
     """The data module and the LightningModule (with its backbone) described by `cfg`."""
-    if "_target_" not in cfg.data:  # conf/data/imagenet_recipe.yaml: the base of the ImageNet sources
+    if "_target_" not in cfg.data:  # conf/data/imagenet_loader.yaml: the base of the ImageNet sources
         raise ConfigError(
-            "this data option names no data module (imagenet_recipe is the shared base of data=imagenet, data=hf "
+            "this data option names no data module (imagenet_loader is the shared base of data=imagenet, data=hf "
             "and data=wds): choose one of those, or digits or cifar"
         )
     check_sections(cfg)
