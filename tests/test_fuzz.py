@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from dynamixer.bounded import parse_yaml, pattern_count
 from dynamixer.checkpoint_reader import validate
 from dynamixer.errors import UserError
-from helpers import QUIET_FAST, read_checkpoint
+from helpers import QUIET_FAST, compose_train_config, read_checkpoint
 
 FUZZ_SCALE = 3 if os.environ.get("DYNAMIXER_FUZZ") == "ci" else 1
 SECONDS = 30  # one case, read and restored: a bound far above what any takes (a parse that expands hangs)
@@ -452,3 +452,12 @@ def test_evaluation_entry_points_options_run_or_end_in_one_message(
     assert code in (0, 2), (script, overrides, err[-3000:])
     if code == 2:
         assert err.startswith("Error: ") and "Traceback" not in err, (script, overrides, err[-3000:])
+
+
+@fuzz(60)
+@given(path=st.text(alphabet="/ab'\"\\${}=,: []()\n", max_size=24) | st.none())
+def test_the_checkpoint_rank_0_hands_its_ranks_reads_back_exactly(path: str | None) -> None:
+    """`ckpt_path` as rank 0 gives it to the ranks it starts (`launch.override`), after the user's own."""
+    from dynamixer.utils.launch import override
+
+    assert compose_train_config(["ckpt_path=auto", override("ckpt_path", path)]).ckpt_path == path

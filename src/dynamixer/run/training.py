@@ -37,6 +37,8 @@ from dynamixer.utils.launch import (
     is_first_process,
     is_multirun,
     job_slot,
+    override,
+    ranks_started_with,
     release_distributed,
 )
 from dynamixer.utils.provenance import provenance
@@ -44,7 +46,6 @@ from dynamixer.utils.results import write_results
 from dynamixer.utils.tracking import close_loggers, configure_wandb, sweep_config
 
 log = logging.getLogger(__name__)
-RESUME_FROM = "DYNAMIXER_RESUME_FROM"  # the checkpoint rank 0 resumes, for the ranks it starts
 
 
 def fit_results(trainer: L.Trainer, cfg: DictConfig, size: dict[str, Any], datamodule: Any) -> dict[str, Any]:
@@ -105,7 +106,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 write_results(cfg.paths.output_dir, {**failure, **_timing(started)})
             return {"status": "failed"}
         finally:
-            os.environ.pop(RESUME_FROM, None)
             if is_multirun():
                 # the next job needs a fresh process group; a single run keeps it until the process exits,
                 # after its error is printed: ended here, the other ranks would end this one before that
@@ -195,14 +195,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     check_devices(cfg.trainer)
     if (slow := cpu_bf16_warning(cfg.trainer)) and is_first_process():
         log.warning("%s", slow)
-    # rank 0 picks the checkpoint and the ranks it starts take the same one (a file read at another moment
-    # could be another: a save or a copy in between)
-    if is_first_process() or RESUME_FROM not in os.environ:
-        resumed = resume_checkpoint(cfg)
-    else:
-        resumed = resume_checkpoint(OmegaConf.merge(cfg, {"ckpt_path": os.environ[RESUME_FROM] or None}))
+    resumed = resume_checkpoint(cfg)
     ckpt_path = resumed[0] if resumed else None
-    os.environ[RESUME_FROM] = ckpt_path or ""
     extended = check_resume_config(*resumed, cfg) if resumed else None
     configure_wandb(cfg.get("logger"), cfg.paths.output_dir)  # before the run config is stored anywhere
     provenance()  # read now (and kept): the code this start runs, whatever changes in the checkout later
@@ -245,7 +239,10 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             with warnings.catch_warnings():
                 # the EMA copy of the model is meant to stay in eval mode while the raw model trains
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+                # rank 0 picked the checkpoint and the ranks it starts take that file (read at another moment,
+                # `auto` could find another: a save or a copy in between)
+                with ranks_started_with([override("ckpt_path", ckpt_path)]):
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:  # SIGTERM, Ctrl-C or a requeue signal: last.ckpt holds this exact step
             _end_stopped_run(trainer, cfg, {**fit_results(trainer, cfg, size, datamodule), **_timing(started)})
         except BaseException as err:

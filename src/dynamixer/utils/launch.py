@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -112,6 +113,28 @@ def ddp_relaunch_of_this_job(extra_overrides: list[str] = ()) -> Iterator[None]:
         sys.argv, main.__spec__ = argv, spec
         with read_write(hydra_cfg), open_dict(hydra_cfg):
             hydra_cfg.run.dir = run_dir
+
+
+@contextmanager
+def ranks_started_with(overrides: list[str]) -> Iterator[None]:
+    """Inside the block, the ranks Lightning starts (it starts them as `sys.argv` and its own overrides) are
+    also given `overrides`: how rank 0 tells them what it decided. After it, `sys.argv` is as it was."""
+    argv = sys.argv
+    sys.argv = [*argv, *overrides]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def override(key: str, value: str | None) -> str:
+    """`key=value` such that Hydra reads back exactly `value`, whatever its characters (None: null): quoted, a
+    quote and the backslashes before it or at the end escaped, and `${` kept from being an interpolation."""
+    if value is None:
+        return f"{key}=null"
+    text = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return f"{key}='{text}'"
 
 
 def parallel_jobs() -> int:
