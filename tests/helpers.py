@@ -30,6 +30,7 @@ QUIET_TRAIN = [*QUIET_TEST, *QUIET]
 QUIET_FAST = [*QUIET, "debug=fast"]  # a few small steps (conf/debug/fast.yaml)
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
+DIGITS_TRAIN = 1437  # digits: 1,797 images, 20% held out for validation
 IMAGENET = ["data=imagenet", "data.num_workers=0", "data.batch_size=2"]  # a tiny folder data set, in process
 
 
