@@ -454,7 +454,7 @@ def test_evaluation_entry_points_options_run_or_end_in_one_message(
         assert err.startswith("Error: ") and "Traceback" not in err, (script, overrides, err[-3000:])
 
 
-@fuzz(60)
+@fuzz(25)
 @given(path=st.text(alphabet="/ab'\"\\${}=,: []()\n", max_size=24) | st.none())
 def test_the_checkpoint_rank_0_hands_its_ranks_reads_back_exactly(path: str | None) -> None:
     """`ckpt_path` as rank 0 gives it to the ranks it starts (`launch.override`), after the user's own."""

@@ -1,7 +1,7 @@
 """The README and the docs/ pages cannot drift from the code: every command they show composes as written.
 
 Each `python <entry point>.py ...` line of their `bash` blocks is composed by Hydra with its overrides (a
-multirun's sweeps at their first value, with the `hydra` node: launcher, sweeper; a placeholder such as `<run>`
+multirun's every job, with the `hydra` node: launcher, sweeper; a placeholder such as `<run>`
 filled in); a misspelled option, key or group, or a value Hydra cannot parse, fails here. The README's CPU runs
 (the default run, then evaluating, predicting with, exporting and fine-tuning its checkpoint) run as written,
 as scripts; its CPU sweeps (four default runs and more) run on a shorter schedule in
@@ -10,6 +10,7 @@ tests/test_distributed_sweep.py, and the GPU and SLURM commands are composed onl
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -40,17 +41,15 @@ def commands(page: Path) -> list[str]:
 COMMANDS = [(page.relative_to(REPO), command) for page in PAGES for command in commands(page)]
 
 
-def first_values(overrides: list[str]) -> list[str]:
-    """The overrides with each sweep at its first value (a multirun's first job)."""
+def jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job of a multirun (every combination of its sweeps, as Hydra's basic sweeper
+    makes them); a single run's overrides as they are."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    chosen = []
-    for override, text in zip(parsed, overrides):
-        if override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()))
-            chosen.append(f"{override.get_key_element()}={first}")
-        else:
-            chosen.append(text)
-    return chosen
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
+        for o, text in zip(parsed, overrides)
+    ]
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def test_the_pages_show_commands_of_every_entry_point() -> None:
@@ -65,10 +64,11 @@ def test_every_command_of_the_readme_and_the_docs_composes(page: Path, command: 
     config_name = ENTRY_POINTS[words[1]]
     multirun = "-m" in words
     # a placeholder (`<run>`) is the reader's to fill in
-    overrides = first_values([re.sub(r"<([a-z_ ]+)>", r"\1", w).replace(" ", "_") for w in words[2:] if w != "-m"])
+    overrides = [re.sub(r"<([a-z_ ]+)>", r"\1", w).replace(" ", "_") for w in words[2:] if w != "-m"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=multirun)
-    assert cfg is not None
+        for job in jobs(overrides):  # a preset (`sweep=segments`): its grid is its own (tests/test_config.py)
+            cfg = compose(config_name, overrides=job, return_hydra_config=multirun)
+            assert cfg is not None
 
 
 def runs_on_a_cpu(command: str) -> bool:
@@ -107,11 +107,15 @@ def test_the_readmes_cpu_runs_run_as_written(tmp_path: Path) -> None:
                 assert (best_ckpt["epoch"], best_ckpt["global_step"]) == (best["epoch"], best["step"])
                 assert f"results: {folder / 'results.json'}" in proc.stderr + proc.stdout
         elif words[1] == "test.py":
-            (evaluation,) = (tmp_path / "logs" / "test" / "runs").glob("*/eval.json")
+            (evaluation,) = (tmp_path / "logs" / "test" / "runs").glob("*/eval.json")  # the README's
             acc = json.loads(evaluation.read_text())["metrics"]["val/acc1"]
             assert acc == pytest.approx(last_ema, abs=1e-6)  # the last validation's EMA figure, again
             printed = re.search(r"^val/acc1: (\d\.\d{4})$", proc.stdout, re.MULTILINE)
             assert printed and float(printed.group(1)) == pytest.approx(acc, abs=5e-5)
+            # and the raw weights of the best checkpoint give its validation again
+            run_script("test.py", [f"ckpt_path={results['best_checkpoint']}", "weights=raw", "run_name=raw"], tmp_path)
+            raw = json.loads((tmp_path / "logs" / "test" / "runs" / "raw" / "eval.json").read_text())
+            assert raw["metrics"]["val/acc1"] == pytest.approx(best["val/acc1"], abs=1e-6)
         elif words[1] == "predict.py":
             (predictions,) = (tmp_path / "logs" / "predict" / "runs").glob("*/predictions.json")
             found = json.loads(predictions.read_text())

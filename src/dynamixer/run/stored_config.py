@@ -122,7 +122,7 @@ def rebuild_section(run_config: dict[str, Any], section: str, source: str) -> di
         raise _refuse(source, f"it has no {section} section")
     name = stored.get("_target_")
     known = builders(section)
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise _refuse(source, f"its {section} names _target_={name!r}, which is none of ours ({sorted(known)})")
     target = known[name]  # ours: never a name the file gives
     if section == "model" and stored.get("model_name") not in timm.list_models(module="dynamixer"):
