@@ -30,7 +30,7 @@ that would overrun `--budget-s` is recorded as skipped, with the reason):
     python benchmarks/gpu_proof.py --out benchmarks/results/gpu_proof          # a CUDA device, at most 8 minutes
     TRITON_INTERPRET=1 python benchmarks/gpu_proof.py --device cpu --tiny --out gpu_proof_cpu   # every section, CPU
 
-`--tiny` shrinks everything (28/32 px images, batch 2; the training runs: 30 steps of the experiment with
+`--tiny` shrinks everything (28/32 px images, batch 2; the training runs: 16 steps of the experiment with
 `model=dynamixer_tiny`; the compiled rows and parity: `dynamixer_tiny` only, compiled with `aot_eager`, as a CPU
 inductor compile takes minutes) to prove the script, not the figures.
 No network: every model is built with random weights.
@@ -795,17 +795,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--batch", type=int, default=None, help="training batch of the throughput rows (256; tiny 2)")
     ap.add_argument("--infer-batch", type=int, default=None, help="inference batch (1024; tiny 4)")
-    ap.add_argument("--train-steps", type=int, default=None, help="steps of the training run (300; tiny 30)")
+    ap.add_argument("--train-steps", type=int, default=None, help="steps of the training run (300; tiny 16)")
     ap.add_argument("--train-batch", type=int, default=None, help="data.batch_size of the training run (64; tiny 4)")
     ap.add_argument("--train-images", type=int, default=None, help="training images of the tree (1600; tiny 32)")
     args = ap.parse_args(argv)
+    args.out = args.out.absolute()  # the training runs work in their own folders: a relative path would move
     defaults = {  # name: (proof, --tiny)
         "budget_s": (450.0, 900.0),
         "compile_reserve_s": (60.0, 0.0),
         "compile_backend": ("inductor", "aot_eager"),
         "batch": (256, 2),
         "infer_batch": (1024, 4),
-        "train_steps": (300, 30),
+        "train_steps": (300, 16),
         "train_batch": (64, 4),
         "train_images": (1600, 32),
     }

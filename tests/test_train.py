@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from dynamixer.callbacks import MetricsHistory
 from dynamixer.run import build
@@ -27,8 +24,6 @@ from helpers import (
     read_checkpoint,
     run_dir,
     run_script,
-    script_command,
-    script_env,
     start_script,
     wait_for,
 )
@@ -44,7 +39,7 @@ def read_json(path: Path) -> dict:
 # commands as written, tests/test_readme.py::test_the_readmes_cpu_runs_run_as_written
 
 
-# --- 2. the ImageNet layout ----------------------------------------------------------------------------
+# --- the ImageNet layout ------------------------------------------------------------------------------
 
 
 def test_train_imagenet_layout_on_a_tiny_tree(tmp_path, image_tree):
@@ -96,7 +91,7 @@ def test_help_lists_the_config_groups(tmp_path):
     assert not (tmp_path / "logs").exists(), "--help started a run"
 
 
-# --- 7. checkpoints and resuming ------------------------------------------------------------------------
+# --- checkpoints and resuming (a SIGKILL and the exact resume after it: tests/test_faults.py) ----------
 
 
 def test_default_checkpointing_writes_last_ckpt_at_every_epoch(tmp_path):
@@ -139,143 +134,6 @@ def test_default_checkpointing_writes_last_ckpt_at_every_epoch(tmp_path):
         f"last.ckpt holds epoch {last['epoch']} (step {last['global_step']}), not the last epoch 2 (step 3)"
     )
     assert [h["epoch"] for h in last["callbacks"]["MetricsHistory"]["history"]] == [0, 1, 2]
-
-
-class CaptureResumedState(L.Callback):
-    """At the start of a resumed fit: a copy of the live optimizer, scheduler and EMA state; then stop."""
-
-    class Stop(Exception):
-        pass
-
-    def on_train_start(self, trainer, pl_module):
-        self.global_step, self.epoch = trainer.global_step, trainer.current_epoch
-        self.optimizer = _clone(trainer.optimizers[0].state_dict())
-        self.scheduler = _clone(trainer.lr_scheduler_configs[0].scheduler.state_dict())
-        self.ema = _clone(pl_module.ema.module.state_dict())
-        self.model = _clone(pl_module.model.state_dict())
-        raise self.Stop
-
-
-def _clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    return obj
-
-
-def assert_same(a, b, where="") -> None:
-    """Nested dicts/lists of tensors and plain values are equal (tensors exactly)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
-        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
-def test_killed_run_resumes_from_last_ckpt_with_its_state(tmp_path):
-    epochs, steps = 6, 4
-    args = [
-        *QUIET_TRAIN,
-        f"trainer.max_epochs={epochs}",
-        f"++trainer.limit_train_batches={steps}",
-        "++trainer.limit_val_batches=2",
-        "run_name=resume",
-    ]
-    folder = run_dir(tmp_path, "resume")
-    last = folder / "checkpoints" / "last.ckpt"
-
-    # start, wait for a last.ckpt of epoch >= 1, kill -9 while it trains on
-    proc = subprocess.Popen(
-        script_command("train.py", args),
-        cwd=tmp_path,
-        env=script_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline, saved_epoch = time.monotonic() + 900, -1  # a guard against a hang, not a timing
-        while saved_epoch < 1:
-            assert proc.poll() is None, (
-                f"train.py ended (exit {proc.returncode}) before a last.ckpt of epoch >= 1 was seen (last seen: "
-                f"epoch {saved_epoch}):\n{proc.stderr.read()[-4000:]}"
-            )
-            assert time.monotonic() < deadline, f"no last.ckpt of epoch >= 1 after 900 s (last seen: {saved_epoch})"
-            if last.is_file():
-                try:
-                    saved_epoch = read_checkpoint(last)["epoch"]
-                except Exception:  # being written
-                    pass
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (folder / "results.json").exists(), "the run had finished before it was killed"
-
-    killed = tmp_path / "killed.ckpt"
-    shutil.copy(last, killed)
-    saved = read_checkpoint(killed)
-    e = saved["epoch"]
-    assert 1 <= e < epochs - 1 and saved["global_step"] == (e + 1) * steps
-    assert [h["epoch"] for h in saved["callbacks"]["MetricsHistory"]["history"]] == list(range(e + 1))
-
-    # in-process: a fit resumed from it starts with exactly the saved optimizer, scheduler and EMA state
-    run_cfg = OmegaConf.create(saved["hyper_parameters"]["run_config"])
-    datamodule, module = build(run_cfg)
-    capture = CaptureResumedState()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        limit_train_batches=steps,
-        limit_val_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[capture],
-        default_root_dir=tmp_path,
-    )
-    with pytest.raises(CaptureResumedState.Stop):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(killed), weights_only=True)
-    assert (capture.global_step, capture.epoch) == (saved["global_step"], e + 1)
-    assert_same(capture.optimizer, saved["optimizer_states"][0], "optimizer")
-    assert capture.optimizer["state"], "empty optimizer state"
-    assert_same(capture.scheduler, saved["lr_schedulers"][0], "scheduler")
-    ema_saved = {k[len("ema.module.") :]: v for k, v in saved["state_dict"].items() if k.startswith("ema.module.")}
-    assert_same(capture.ema, ema_saved, "ema")
-    model_saved = {k[len("model.") :]: v for k, v in saved["state_dict"].items() if k.startswith("model.")}
-    assert_same(capture.model, model_saved, "model")
-    assert any(not torch.equal(capture.ema[k], capture.model[k]) for k in capture.model)
-
-    # the same command with ckpt_path=auto finishes the run in the same folder
-    proc = run_script("train.py", [*args, "ckpt_path=auto"], cwd=tmp_path)
-    assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout
-    results = read_json(folder / "results.json")
-    assert results["status"] == "finished"
-    assert results["global_step"] == epochs * steps and results["epochs"] == epochs
-    assert results["final"]["epoch"] == epochs - 1 and results["final"]["step"] == epochs * steps
-    final = read_checkpoint(last)
-    assert (final["epoch"], final["global_step"]) == (epochs - 1, epochs * steps)
-    history = final["callbacks"]["MetricsHistory"]["history"]
-    assert [h["epoch"] for h in history] == list(range(epochs))  # kept across the kill, no epoch twice
-    assert history[: e + 1] == saved["callbacks"]["MetricsHistory"]["history"]
 
 
 def count_reads_args(counts: Path, first: int, steps: int) -> list[str]:

@@ -43,7 +43,7 @@ from pydantic.functional_validators import AfterValidator, PlainValidator
 
 from dynamixer.data.identity import DIGEST
 from dynamixer.errors import CheckpointError
-from dynamixer.lit_module import CHECKPOINT_FORMAT
+from dynamixer.machinery.callbacks import CHECKPOINT_FORMAT
 from dynamixer.models.weights import differences, listed, read_file
 
 log = logging.getLogger(__name__)

@@ -23,15 +23,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynamixer.errors import DivergenceError
 from dynamixer.machinery.lightning_internals import is_compiled
-from dynamixer.machinery.rng import rng_states, set_rng_states
 from dynamixer.models import DynaMixerOp
 from dynamixer.schema import Speed
-from dynamixer.utils.provenance import provenance
 
-__all__ = ["CHECKPOINT_FORMAT", "ImageClassifier"]
-
-# the layout of our training checkpoints; readers refuse other versions with a clear message
-CHECKPOINT_FORMAT = 1
+__all__ = ["ImageClassifier"]
 
 
 class ImageClassifier(L.LightningModule):
@@ -223,22 +218,6 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.stop_if_diverged(weights=True)  # before anything of a diverged state is written
-        # every rank's random states (dropout, drop path and mixup draws differ per rank), as plain values
-        # and tensors: with them and the data position, a resumed run repeats the uninterrupted one
-        checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT
-        checkpoint["provenance"] = provenance()  # package versions and git commit of the code that wrote it
-        states = rng_states()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-            checkpoint["rng_states_per_rank"] = gathered
-        else:
-            checkpoint["rng_states_per_rank"] = [states]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        per_rank = checkpoint.get("rng_states_per_rank")
-        if per_rank:
-            set_rng_states(per_rank[self.global_rank if self.global_rank < len(per_rank) else 0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)

@@ -1,6 +1,7 @@
 """The callbacks of the machinery: a stop signal ends training after a whole step (`StopOnSignal`), that step
-is saved as the resumable `last.ckpt` (`ResumableCheckpoint`), and a resume extended to a new length rebuilds
-its schedule (`RebuildSchedule`)."""
+is saved as the resumable `last.ckpt` (`ResumableCheckpoint`) holding what an exact resume needs beyond
+Lightning's own state (`ResumeState`), and a resume extended to a new length rebuilds its schedule
+(`RebuildSchedule`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -26,8 +28,10 @@ from dynamixer.machinery.lightning_internals import (
     skip_stop_flag_broadcast,
     stop_after_this_step,
 )
+from dynamixer.machinery.rng import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1  # the layout of our training checkpoints: the reader refuses any other
 
 
 def _closes_epoch(trainer: L.Trainer) -> bool:
@@ -213,3 +217,29 @@ class RebuildSchedule(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.rebuild_schedule()
         self.record = {"at_step": trainer.global_step, "changed": self.changed}
+
+
+class ResumeState(Callback):
+    """What each checkpoint of a run holds beyond Lightning's own state: its format, the `provenance` of the code
+    that wrote it (package versions, git commit), and every rank's random states (dropout, drop path and mixup
+    draws differ per rank), as plain values and tensors; restored on a resume, they and the data position make
+    the resumed run repeat the uninterrupted one."""
+
+    def __init__(self, provenance: dict[str, Any] | None = None) -> None:
+        self.provenance = provenance or {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dynamixer_format"] = CHECKPOINT_FORMAT
+        checkpoint["provenance"] = self.provenance
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
+        else:
+            checkpoint["rng_states_per_rank"] = [states]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank:
+            set_rng_states(per_rank[trainer.global_rank if trainer.global_rank < len(per_rank) else 0])

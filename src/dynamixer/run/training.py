@@ -22,7 +22,7 @@ from dynamixer.callbacks import MetricsHistory
 from dynamixer.checkpoint_reader import RestoredStateCheck, check_weights_fit, read_checkpoint
 from dynamixer.errors import EXIT_USER_ERROR, ConfigError, RankError, UserError
 from dynamixer.machinery import signals
-from dynamixer.machinery.callbacks import RebuildSchedule
+from dynamixer.machinery.callbacks import RebuildSchedule, ResumeState
 from dynamixer.machinery.checkpoint_io import AtomicCheckpointIO
 from dynamixer.machinery.lightning_internals import launched_ranks
 from dynamixer.machinery.requeue import RequeueLimitReached, requeue_slurm_job, slurm_restarts
@@ -212,6 +212,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     check_monitors(named, module)
     callbacks = list(named.values())
     callbacks.append(MetricsHistory())  # results.json is made from it
+    callbacks.append(ResumeState(provenance()))  # the checkpoints' format, provenance and random states
     if resumed:
         callbacks.append(RestoredStateCheck(*resumed))
     if extended:
