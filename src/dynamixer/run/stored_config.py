@@ -125,8 +125,8 @@ def rebuild_section(run_config: dict[str, Any], section: str, source: str) -> di
     if not isinstance(name, str) or name not in known:
         raise _refuse(source, f"its {section} names _target_={name!r}, which is none of ours ({sorted(known)})")
     target = known[name]  # ours: never a name the file gives
-    if section == "model" and stored.get("model_name") not in timm.list_models(module="dynamixer"):
-        variants = timm.list_models(module="dynamixer")
+    variants = timm.list_models(module="dynamixer") if section == "model" else None
+    if variants is not None and stored.get("model_name") not in variants:
         raise _refuse(source, f"model.model_name={stored.get('model_name')!r} is no DynaMixer variant ({variants})")
     settings = trained_settings(target)
     unknown = sorted(set(stored) - {"_target_", "_partial_"} - set(roles(target)))
